@@ -1,0 +1,109 @@
+"""Run configuration: every setting of a run, validated before any work starts."""
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mhpfl.errors import UserError
+
+PAPER_K = {"fmnist": 2, "cifar10": 2, "cifar100": 10}
+
+
+@dataclass
+class RunConfig:
+    method: str
+    dataset: str = "fmnist"
+    clients: int = 10
+    frac: float = 1.0
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    grad_clip: float = 50.0
+    partition: str = ""  # default: pathological:K with the paper's K for the dataset
+    zoo: str = "hetero"
+    train_fraction: float = 1.0
+    val_size: int = 10_000
+    public_size: int = 5_000
+    augment: bool | None = None  # default: the dataset's (on for CIFAR, off for Fashion-MNIST)
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 1
+    data_root: str | None = None
+    download: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.partition and self.dataset in PAPER_K:
+            self.partition = f"pathological:{PAPER_K[self.dataset]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = set(cls.__dataclass_fields__)
+        bad = set(d) - known
+        if bad:
+            raise UserError(f"unknown run setting(s) {', '.join(sorted(bad))}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raise UserError on any impossible setting (cheap checks, before data is loaded)."""
+        from mhpfl.datasets import PartitionSpec, dataset_info
+        from mhpfl.methods import get_method
+        from mhpfl.models import ZOOS
+
+        cls = get_method(self.method)
+        info = dataset_info(self.dataset)
+        checks = [
+            (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
+            (0 < self.frac <= 1, f"--frac must be in (0, 1] (got {self.frac})"),
+            (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
+            (self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (0 < self.train_fraction <= 1, f"--train-fraction must be in (0, 1] (got {self.train_fraction})"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
+            (0 <= self.public_size <= self.val_size,
+             f"--public-size ({self.public_size}) must be between 0 and --val-size ({self.val_size})"),
+            (self.zoo in ZOOS, f"unknown zoo '{self.zoo}'; choose one of {', '.join(ZOOS)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+        if self.zoo not in cls.zoos:
+            raise UserError(f"{self.method} supports only --zoo {' or '.join(cls.zoos)}; "
+                            f"it cannot run on the '{self.zoo}' zoo")
+        spec = PartitionSpec.parse(self.partition)
+        if spec.kind == "pathological":
+            k, n, c = spec.k, self.clients, info.num_classes
+            if not 1 <= k <= c:
+                raise UserError(f"pathological:{k} needs 1 <= K <= {c} (classes in {self.dataset})")
+            if (n * k) % c:
+                raise UserError(f"pathological:{k} with {n} clients cannot share {c} classes evenly: "
+                                f"choose --clients N with N*{k} divisible by {c}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {self.device} asked for, but no CUDA GPU is available; "
+                                "use --device cpu")
+        elif self.device != "cpu":
+            raise UserError(f"unknown device '{self.device}'; use cpu or cuda")
+        cls(**self.method_options)  # unknown method options fail here
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mhpfl-bench", "torch", "torchvision", "peft", "fvcore", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

@@ -1,0 +1,90 @@
+"""Datasets and federated partitions.
+
+What is used for what (defaults of `mhpfl run`):
+- training pool: the dataset's training split minus a held-out pool of `--val-size` samples
+  (10,000, as the paper's authors hold out); it is split over clients by the partition;
+- held-out pool: its first `--public-size` samples (default 5,000) form the *public* pool that
+  no client owns (FedMD's public data, see `FederatedData.public`); the rest is split over
+  clients with the same shares as validation sets (available to methods, not used for the
+  reported numbers);
+- test split: split over clients with the same shares; every reported accuracy is a client's
+  personalized model on its own test set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from mhpfl.datasets.augment import augment
+from mhpfl.datasets.loaders import DATASETS, DatasetInfo, dataset_info, default_data_root, load_dataset
+from mhpfl.datasets.partition import Partition, PartitionSpec, make_partition
+
+__all__ = ["DATASETS", "DatasetInfo", "Split", "FederatedData", "PartitionSpec", "Partition",
+           "dataset_info", "default_data_root", "load_dataset", "make_partition", "federate"]
+
+
+@dataclass
+class Split:
+    """Samples held in memory; `y` is labels (N,) or soft targets (N, C)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    augment: bool = False
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, batch_size: int, g: torch.Generator | None = None,
+                shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        order = torch.randperm(n, generator=g).to(self.x.device) if shuffle else None
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size] if shuffle else slice(s, s + batch_size)
+            xb, yb = self.x[idx], self.y[idx]
+            if self.augment and g is not None:
+                xb = augment(xb, g)
+            yield xb, yb
+
+    def subset(self, idx: torch.Tensor, y: torch.Tensor | None = None) -> "Split":
+        return Split(self.x[idx], self.y[idx] if y is None else y, self.augment)
+
+
+@dataclass
+class ClientData:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[int]
+
+
+@dataclass
+class FederatedData:
+    info: DatasetInfo
+    clients: list[ClientData]
+    public: Split  # labelled public pool owned by no client (may be empty)
+    partition: Partition
+
+
+def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *,
+             data_root: str | None = None, download: bool = True, val_size: int = 10_000,
+             public_size: int = 5_000, train_fraction: float = 1.0, augment: bool | None = None,
+             device: str = "cpu") -> FederatedData:
+    """Load a dataset and split it over `num_clients` clients; tensors go to `device`."""
+    ds = load_dataset(name, data_root, download)
+    info = ds.info
+    aug = info.augment if augment is None else augment
+    part = make_partition(ds.train_y.numpy(), ds.test_y.numpy(), info.num_classes, num_clients,
+                          partition, seed, val_size=val_size, public_size=public_size,
+                          train_fraction=train_fraction)
+
+    def split(x, y, idx, train=False):
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return Split(x[i].to(device), y[i].to(device), augment=aug and train)
+
+    clients = [ClientData(split(ds.train_x, ds.train_y, c.train, train=True),
+                          split(ds.train_x, ds.train_y, c.val),
+                          split(ds.test_x, ds.test_y, c.test), c.classes) for c in part.clients]
+    public = split(ds.train_x, ds.train_y, part.public)
+    return FederatedData(info, clients, public, part)

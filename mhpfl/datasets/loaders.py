@@ -1,0 +1,133 @@
+"""Real dataset loaders (torchvision), decoded once into in-memory tensors.
+
+Images are kept as one normalised float32 tensor per split (N, C, H, W); batches are made by
+indexing, never by per-sample PIL transforms.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mhpfl.errors import UserError
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = [
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # the paper lineage's training augmentation applies by default
+    archive: str  # what a user places in the data root when offline
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), False,
+                          "FashionMNIST/raw/*-ubyte(.gz)"),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), True, "cifar-10-python.tar.gz"),
+    "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), True, "cifar-100-python.tar.gz"),
+}
+
+
+@dataclass
+class TensorDataset:
+    """A decoded dataset: normalised images and integer labels for train and test."""
+
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("MHPFL_DATA", Path.home() / ".cache" / "mhpfl"))
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _normalise(images_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    x = images_uint8.to(torch.float32).div_(255.0)
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def _stage_debian_fmnist(root: Path) -> None:
+    """Decompress Debian's dataset-fashion-mnist IDX files where torchvision looks for them."""
+    raw = root / "FashionMNIST" / "raw"
+    if all((raw / f).exists() for f in FMNIST_FILES):
+        return
+    if not all((DEBIAN_FMNIST / f"{f}.gz").exists() for f in FMNIST_FILES):
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in FMNIST_FILES:
+        tmp = raw / f".{f}.tmp"
+        with gzip.open(DEBIAN_FMNIST / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.replace(raw / f)
+
+
+def _torchvision(name: str, root: Path, download: bool):
+    import torchvision.datasets as tvd
+
+    cls = {"fmnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except OSError as e:  # download failed (no network, refused, ...)
+        cause = f"download failed ({type(e).__name__})"
+    info = DATASETS[name]
+    if name == "fmnist":
+        hint = (f"install Debian's package (apt-get install dataset-fashion-mnist) or place the "
+                f"four IDX files in {root / 'FashionMNIST' / 'raw'}")
+    else:
+        hint = f"place {info.archive} (from https://www.cs.toronto.edu/~kriz/) in {root}"
+    raise UserError(f"{name} not found under {root} ({cause}); {hint}, or pass --data-root DIR")
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, root: str | None = None, download: bool = True) -> TensorDataset:
+    """Decode a dataset once per process into normalised CPU tensors."""
+    info = dataset_info(name)
+    root_p = Path(root) if root else default_data_root()
+    try:
+        root_p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create data root {root_p} ({e.strerror}); pass --data-root DIR") from None
+    if name == "fmnist":
+        _stage_debian_fmnist(root_p)
+    train, test = _torchvision(name, root_p, download)
+
+    def images(ds) -> torch.Tensor:
+        data = ds.data
+        if isinstance(data, np.ndarray):  # CIFAR: (N, H, W, C) uint8
+            return torch.from_numpy(data).permute(0, 3, 1, 2)
+        return data.unsqueeze(1)  # MNIST-style: (N, H, W) uint8
+
+    def labels(ds) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+    return TensorDataset(info, _normalise(images(train), info), labels(train),
+                         _normalise(images(test), info), labels(test))

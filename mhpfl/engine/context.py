@@ -1,0 +1,156 @@
+"""What the engine hands a method: a client's context and the server's context.
+
+The training helper `Client.fit` is the one training loop of the suite: it builds the
+optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
+that is not being trained, clips gradients, stops on a non-finite loss and runs under the FLOP
+meter. Methods describe *what* to train and *with which loss*; never how to loop.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mhpfl.config import RunConfig
+from mhpfl.datasets import ClientData, DatasetInfo, Split
+from mhpfl.engine.meter import FlopMeter
+from mhpfl.errors import NonFiniteLoss
+from mhpfl.methods.base import Message
+from mhpfl.models import build_model
+from mhpfl.seeding import np_rng, seed_torch, torch_gen
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Upload:
+    cid: int
+    num_samples: int  # the client's training-sample count (metadata, not counted as payload)
+    message: Message
+
+
+class Client:
+    """One federated client: its private model, data and state, and the shared helpers."""
+
+    def __init__(self, cid: int, arch: str, data: ClientData, public: Split, info: DatasetInfo,
+                 cfg: RunConfig, meter: FlopMeter, method_name: str):
+        self.cid, self.arch, self.data, self.public, self.info = cid, arch, data, public, info
+        self.cfg, self.meter, self.method_name = cfg, meter, method_name
+        self.round = 0
+        self.state: dict[str, Any] = {}  # what the method keeps on this client between rounds
+        self.modules: list[nn.Module] = []
+        self.gen = torch_gen(cfg.seed, "client", cid, "init")
+        self.model = self.new_model(arch)
+
+    # ---- models ------------------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        return len(self.data.train)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def new_model(self, arch: str, tag: str = "model") -> nn.Module:
+        """A fresh zoo model on this client, seeded by (seed, client, tag) and metered."""
+        seed_torch(self.cfg.seed, "init", self.cid, tag, arch)
+        model = build_model(arch, self.info.in_shape, self.info.num_classes).to(self.cfg.device)
+        return self.track(model, label=arch)
+
+    def track(self, module: nn.Module, in_shape: tuple[int, ...] | None = None,
+              label: str | None = None) -> nn.Module:
+        """Meter `module`'s FLOPs; call again after changing its structure (e.g. adapters)."""
+        module.to(self.cfg.device)
+        self.meter.track(module, in_shape or self.info.in_shape, label or type(module).__name__)
+        if all(m is not module for m in self.modules):
+            self.modules.append(module)
+        return module
+
+    # ---- training ----------------------------------------------------------------------
+    def start_update(self, round_: int, phase: str) -> None:
+        """Called by the engine before each client update: a fresh, order-independent stream."""
+        self.round = round_
+        self.gen = torch_gen(self.cfg.seed, "client", self.cid, round_, phase)
+
+    @contextmanager
+    def _only_trainable(self, params: list[nn.Parameter]):
+        ids = {id(p) for p in params}
+        every = [p for m in self.modules for p in m.parameters()] + params
+        saved = [(p, p.requires_grad) for p in every]
+        for p in every:
+            p.requires_grad_(id(p) in ids)
+        try:
+            yield
+        finally:
+            for p, rg in saved:
+                p.requires_grad_(rg)
+
+    def fit(self, params: Iterable[nn.Parameter], loss_fn: LossFn, *, epochs: int | None = None,
+            data: Split | None = None, batch_size: int | None = None, lr: float | None = None) -> float:
+        """Train exactly `params` (everything else on the client is frozen) for `epochs` passes
+        over `data` (default: the client's training set), minimising loss_fn(x, y) with SGD.
+        Returns the mean batch loss."""
+        params = list(dict.fromkeys(params))
+        untracked = [p for p in params if id(p) not in self.meter.tracked_params]
+        if untracked:
+            raise RuntimeError(f"{self.method_name} trains parameters of a module it did not "
+                               "register with client.track(); its FLOPs would go uncounted")
+        cfg = self.cfg
+        data = self.data.train if data is None else data
+        epochs = cfg.local_epochs if epochs is None else epochs
+        opt = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        for m in self.modules:
+            m.train()
+        total, steps = 0.0, 0
+        with self._only_trainable(params), self.meter.count():
+            for _ in range(epochs):
+                for x, y in data.batches(batch_size or cfg.batch_size, self.gen):
+                    loss = loss_fn(x, y)
+                    value = float(loss.detach())
+                    if not np.isfinite(value):
+                        raise NonFiniteLoss(self.method_name, self.cid, self.round, value)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    total, steps = total + value, steps + 1
+        return total / max(steps, 1)
+
+    @torch.no_grad()
+    def infer(self, fn: Callable[[torch.Tensor], torch.Tensor], data: Split,
+              batch_size: int = 1024) -> torch.Tensor:
+        """Run fn over `data` in order without gradients, charged to this client (e.g. scores
+        on public data to upload); returns the concatenated outputs."""
+        for m in self.modules:
+            m.eval()
+        with self.meter.count():
+            return torch.cat([fn(x) for x, _ in data.batches(batch_size, shuffle=False)])
+
+
+class Server:
+    """The server's context: its state, a seeded random stream, and what it may know."""
+
+    def __init__(self, cfg: RunConfig, info: DatasetInfo, public_size: int):
+        self.cfg, self.info, self.public_size = cfg, info, public_size
+        self.round = 0
+        self.state: dict[str, Any] = {}
+        self.rng = np_rng(cfg.seed, "server")
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def start_round(self, round_: int) -> None:
+        self.round = round_
+        self.rng = np_rng(self.cfg.seed, "server", round_)
+
+    def new_model(self, arch: str, tag: str = "global") -> nn.Module:
+        """A zoo model built on the server (not metered: server compute is not client compute)."""
+        seed_torch(self.cfg.seed, "init", "server", tag, arch)
+        return build_model(arch, self.info.in_shape, self.info.num_classes).to(self.cfg.device)

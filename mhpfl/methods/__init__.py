@@ -1,0 +1,66 @@
+"""Method registry: built-in methods and third-party plugins.
+
+A plugin is an installed package that declares an entry point in the group `mhpfl.methods`
+whose value is a `Method` subclass (see docs/methods.md). Built-ins are imported lazily.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import entry_points
+
+from mhpfl.errors import UserError
+from mhpfl.methods.base import Message, Method, Option
+
+__all__ = ["Method", "Message", "Option", "BUILTIN", "get_method", "available_methods"]
+
+BUILTIN: dict[str, str] = {
+    "standalone": "mhpfl.methods.standalone:Standalone",
+    "fedavg": "mhpfl.methods.fedavg:FedAvg",
+    "pfedlora": "mhpfl.methods.pfedlora:PFedLoRA",
+}
+ENTRY_POINT_GROUP = "mhpfl.methods"
+
+
+def _load(target: str) -> type[Method]:
+    mod, _, attr = target.partition(":")
+    return getattr(import_module(mod), attr)
+
+
+def _plugins() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN}
+
+
+def _load_plugin(name: str, ep) -> type[Method]:
+    dist = getattr(getattr(ep, "dist", None), "name", None) or ep.value
+    try:
+        cls = ep.load()
+    except Exception as e:  # a broken plugin must not take the suite down
+        raise UserError(f"method '{name}' comes from plugin {dist}, which failed to load "
+                        f"({type(e).__name__}: {e}); fix, reinstall or uninstall that package") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise UserError(f"plugin {dist} registers '{name}' as {ep.value}, which is not a "
+                        "mhpfl.methods.Method subclass; fix or uninstall that package")
+    if getattr(cls, "name", None) != name:
+        cls.name = name
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name in BUILTIN:
+        return _load(BUILTIN[name])
+    plugins = _plugins()
+    if name in plugins:
+        return _load_plugin(name, plugins[name])
+    known = ", ".join(sorted([*BUILTIN, *plugins]))
+    raise UserError(f"unknown method '{name}'; choose one of {known} (see 'mhpfl list')")
+
+
+def available_methods() -> dict[str, type[Method] | UserError]:
+    """Every method name -> its class, or the error that loading its plugin raised."""
+    out: dict[str, type[Method] | UserError] = {n: _load(t) for n, t in BUILTIN.items()}
+    for name, ep in sorted(_plugins().items()):
+        try:
+            out[name] = _load_plugin(name, ep)
+        except UserError as e:
+            out[name] = e
+    return out

@@ -1,0 +1,92 @@
+"""The one interface every federated method implements.
+
+A method object holds only hyperparameters; all state lives in the contexts the engine hands
+it, so the same class can run in one process (our engine) or split over machines (Flower):
+
+- client side: `init_client` sets up what a client keeps (`client.state`, `client.model`);
+  `client_update` receives the server's message for a phase, trains locally with the engine's
+  shared helpers (`client.fit`, ...) and returns the upload; `predict` is the client's
+  personalized prediction.
+- server side: `init_server` sets up `server.state`; `server_message` is what the server sends to
+  one participant before a phase; `aggregate` receives the uploads (with sample counts).
+
+A round runs every phase in `phases` in order: message down, client update, upload, aggregate.
+Messages are plain `dict[str, torch.Tensor]`; the engine counts their bytes exactly.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from mhpfl.engine.context import Client, Server, Upload
+
+Message = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method hyperparameter: exposed as `--name` on `mhpfl run METHOD`."""
+
+    default: Any
+    help: str
+    choices: Sequence[Any] | None = None
+    type: Callable[[str], Any] | None = None  # parser for the CLI; default: type(default)
+
+    def parse(self, text: str) -> Any:
+        if self.type is not None:
+            return self.type(text)
+        if isinstance(self.default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got '{text}'")
+        return type(self.default)(text) if self.default is not None else text
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line, shown by `mhpfl list`
+    version: ClassVar[str] = "1"  # bump when results change; part of a benchmark run's key
+    options: ClassVar[dict[str, Option]] = {}
+    phases: ClassVar[tuple[str, ...]] = ("round",)
+    zoos: ClassVar[tuple[str, ...]] = ("hetero", "homo")  # model zoos the method supports
+    eval_heads: ClassVar[tuple[str, ...]] = ("model",)  # first one is the reported accuracy
+
+    def __init__(self, **opts: Any):
+        unknown = set(opts) - set(self.options)
+        if unknown:
+            from mhpfl.errors import UserError
+
+            raise UserError(f"{self.name} has no option {', '.join(sorted(unknown))}; "
+                            f"see 'mhpfl run {self.name} --help'")
+        self.hp = {k: opts.get(k, o.default) for k, o in self.options.items()}
+        for k, v in self.hp.items():
+            setattr(self, k, v)
+
+    # ---- client side -------------------------------------------------------------------
+    def init_client(self, client: "Client") -> None:
+        """Set up what the client keeps between rounds (before round 1)."""
+
+    @abstractmethod
+    def client_update(self, client: "Client", message: Message, phase: str) -> Message:
+        """Receive the server's message, train locally, return the upload."""
+
+    def predict(self, client: "Client", x: torch.Tensor, head: str) -> torch.Tensor:
+        """Personalized class scores of `client` for inputs x (argmax is the prediction)."""
+        return client.model(x)
+
+    # ---- server side -------------------------------------------------------------------
+    def init_server(self, server: "Server") -> None:
+        """Set up the server's state (before round 1)."""
+
+    def server_message(self, server: "Server", cid: int, phase: str) -> Message:
+        """What the server sends to participant `cid` before `phase`."""
+        return {}
+
+    def aggregate(self, server: "Server", uploads: list["Upload"], phase: str) -> None:
+        """Fold the participants' uploads into the server's state."""

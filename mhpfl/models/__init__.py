@@ -1,0 +1,76 @@
+"""The authors' CNN model zoo (CNN-1..CNN-5) used across their MHPFL papers.
+
+Every variant is conv(5x5)->ReLU->pool -> conv(5x5)->ReLU->pool -> fc1 -> ReLU -> fc2 -> ReLU
+(500-d representation) -> fc3 (500 -> C). Variants differ in conv2 width and fc1 size. Module
+names (conv1, conv2, fc1, fc2, fc3) are stable: methods address layers by these names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mhpfl.errors import UserError
+
+REP_DIM = 500
+
+# name -> (conv2 channels, fc1 width); fc2 maps fc1 width -> 500 in every variant.
+CNN_SPECS: dict[str, tuple[int, int]] = {
+    "cnn1": (32, 2000),
+    "cnn2": (16, 2000),
+    "cnn3": (32, 1000),
+    "cnn4": (32, 800),
+    "cnn5": (32, 500),
+}
+ZOOS = {
+    "hetero": "client i uses CNN-((i mod 5)+1)",
+    "homo": "every client uses CNN-1",
+}
+
+
+class CNN(nn.Module):
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, conv2: int, fc1: int):
+        super().__init__()
+        in_ch, h, w = in_shape
+        self.conv1 = nn.Conv2d(in_ch, 16, 5)
+        self.conv2 = nn.Conv2d(16, conv2, 5)
+        self.pool = nn.MaxPool2d(2)
+        flat = conv2 * ((((h - 4) // 2) - 4) // 2) * ((((w - 4) // 2) - 4) // 2)
+        self.fc1 = nn.Linear(flat, fc1)
+        self.fc2 = nn.Linear(fc1, REP_DIM)
+        self.fc3 = nn.Linear(REP_DIM, num_classes)
+
+    def represent(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return torch.relu(self.fc2(x))
+
+    def forward(self, x: torch.Tensor, return_rep: bool = False):
+        """Logits, or (logits, 500-d representation) with return_rep=True.
+
+        Call the model itself (not `represent`) so the FLOP meter sees every pass.
+        """
+        rep = self.represent(x)
+        logits = self.fc3(rep)
+        return (logits, rep) if return_rep else logits
+
+
+def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> CNN:
+    if arch not in CNN_SPECS:
+        raise UserError(f"unknown model '{arch}'; choose one of {', '.join(CNN_SPECS)}")
+    conv2, fc1 = CNN_SPECS[arch]
+    return CNN(in_shape, num_classes, conv2, fc1)
+
+
+def zoo_archs(zoo: str, num_clients: int) -> list[str]:
+    """Architecture name of every client in a zoo."""
+    if zoo == "hetero":
+        names = list(CNN_SPECS)
+        return [names[i % len(names)] for i in range(num_clients)]
+    if zoo == "homo":
+        return ["cnn1"] * num_clients
+    raise UserError(f"unknown zoo '{zoo}'; choose one of {', '.join(ZOOS)}")
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
