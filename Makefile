@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch/torchvision: pip resolves them within the machine's cap (torch<=2.14.1 here).
 TORCH_SPEC ?= torch torchvision
 
-.PHONY: install test bench-smoke bench bench-paper report check clean
+.PHONY: install test bench-smoke bench-time clean
 
 install: $(STAMP)
 
@@ -27,3 +27,6 @@ bench-smoke: install
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks
+
+bench-time: install  ## round-time benchmarks (pytest-benchmark)
+	$(BIN)/python -m pytest -q tests/test_benchmark_round.py --benchmark-enable

@@ -1,0 +1,131 @@
+"""The command line as a user meets it: one-line errors, plugins, outputs."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import needs_fmnist
+
+
+def mhpfl(*args, env=None, cwd=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "mhpfl.cli", *args], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=600)
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_list_shows_methods_datasets_zoos():
+    p = mhpfl("list")
+    assert p.returncode == 0
+    for word in ("standalone", "fedavg", "pfedlora", "fmnist", "cifar10", "cifar100", "hetero", "homo"):
+        assert word in p.stdout
+
+
+def test_run_help_documents_method_options():
+    p = mhpfl("run", "pfedlora", "--help")
+    assert p.returncode == 0 and "--rank" in p.stdout and "pfedlora options" in p.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["run", "nosuch"], ["unknown method 'nosuch'"]),
+    (["run", "standalone", "--frac", "0"], ["--frac"]),
+    (["run", "standalone", "--clients", "7"], ["divisible"]),
+    (["run", "standalone", "--partition", "pathological:20"], ["K <= 10"]),
+    (["run", "fedavg"], ["--zoo homo"]),
+    (["run", "standalone", "--device", "cuda"], ["--device cpu"]),
+    (["run", "standalone", "--rounds", "0"], ["--rounds"]),
+])
+def test_user_errors_are_one_line(args, needles):
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    assert_one_line_error(mhpfl(*args), *needles)
+
+
+def test_unwritable_out_is_one_line(tmp_path, data_root):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = mhpfl("run", "standalone", "--rounds", "1", "--data-root", data_root, "--no-download",
+              "--out", str(blocker / "sub"))
+    assert_one_line_error(p, "cannot write to --out")
+
+
+def test_missing_cifar_names_the_file_and_directory(tmp_path):
+    p = mhpfl("run", "standalone", "--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download",
+              "--rounds", "1", "--out", str(tmp_path / "out"))
+    assert_one_line_error(p, "cifar-10-python.tar.gz", str(tmp_path))
+
+
+PLUGIN = textwrap.dedent('''
+    import torch.nn.functional as F
+    from mhpfl.engine import weighted_average
+    from mhpfl.methods import Method, Option
+
+    class SharedHead(Method):
+        """Throwaway plugin: clients train locally and share only their classifier."""
+        name = "sharedhead"
+        description = "test plugin: share the fc3 classifier"
+        options = {"scale": Option(1.0, "loss scale")}
+
+        def client_update(self, client, message, phase):
+            if message:
+                client.model.fc3.load_state_dict(message)
+            m = client.model
+            client.fit(m.parameters(), lambda x, y: self.scale * F.cross_entropy(m(x), y))
+            return dict(m.fc3.state_dict())
+
+        def init_server(self, server):
+            server.state["head"] = {}
+
+        def server_message(self, server, cid, phase):
+            return server.state["head"]
+
+        def aggregate(self, server, uploads, phase):
+            server.state["head"] = weighted_average(uploads)
+''')
+
+
+def install_plugin(root, entry_points):
+    """Register a distribution the way pip would: a .dist-info with entry_points.txt on sys.path."""
+    (root / "plugdemo.py").write_text(PLUGIN)
+    info = root / "plugdemo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: plugdemo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mhpfl.methods]\n" + entry_points)
+    return {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+@needs_fmnist
+def test_third_party_plugin_is_listed_and_runs(tmp_path, data_root):
+    env = install_plugin(tmp_path, "sharedhead = plugdemo:SharedHead\n")
+    p = mhpfl("list", env=env)
+    assert "sharedhead" in p.stdout and "share the fc3 classifier" in p.stdout
+    out = tmp_path / "run"
+    p = mhpfl("run", "sharedhead", "--clients", "5", "--rounds", "2", "--train-fraction", "0.05",
+              "--data-root", data_root, "--no-download", "--scale", "1.0", "--quiet", "--out", str(out), env=env)
+    assert p.returncode == 0, p.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "sharedhead"
+    assert s["bytes_up"] == 2 * 5 * 4 * (500 * 10 + 10)
+    assert s["best_mean_acc"] > 60
+
+
+def test_broken_plugin_is_reported_not_fatal(tmp_path):
+    env = install_plugin(tmp_path, "broken = plugdemo_missing:Nothing\n")
+    p = mhpfl("list", env=env)
+    assert p.returncode == 0 and "pfedlora" in p.stdout and "BROKEN PLUGIN" in p.stdout
+    assert_one_line_error(mhpfl("run", "broken", env=env), "plugdemo", "failed to load")

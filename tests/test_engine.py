@@ -1,0 +1,85 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from mhpfl.engine import run
+from mhpfl.engine.runner import ROUND_COLUMNS, participants
+from mhpfl.errors import NonFiniteLoss, UserError
+from tests.conftest import needs_fmnist, strip_timing
+
+
+@needs_fmnist
+def test_standalone_sends_nothing_and_learns(tiny_cfg, tmp_path):
+    s = run(tiny_cfg("standalone", rounds=2), out=tmp_path, progress=False)
+    assert s["bytes_up"] == s["bytes_down"] == 0
+    assert s["best_mean_acc"] > 70
+    assert s["train_flops"] > 0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("method", "config", "best_mean_acc", "final_mean_acc", "per_client_best_acc",
+                "bytes_up", "bytes_down", "train_flops", "flops_per_sample", "rounds_run", "wall_seconds"):
+        assert key in saved
+    assert saved["config"]["seed"] == 0 and "torch" in saved["config"]["versions"]
+    rounds = pd.read_csv(tmp_path / "rounds.csv")
+    assert list(rounds.columns[: len(ROUND_COLUMNS)]) == ROUND_COLUMNS
+    assert rounds["round"].tolist() == [0, 1, 2]
+    assert rounds["train_flops"].sum() == s["train_flops"]
+
+
+@needs_fmnist
+def test_train_flops_equal_the_metered_passes(tiny_cfg):
+    """Standalone, 1 epoch: every training sample is one forward+backward (3x forward FLOPs)."""
+    s = run(tiny_cfg("standalone", rounds=1), progress=False)
+    per = s["flops_per_sample"]
+    expected = sum(3 * per[a] * n for a, n in zip(s["client_archs"], s["client_train_samples"]))
+    assert s["train_flops"] == expected
+
+
+@needs_fmnist
+def test_seeded_runs_are_identical_and_seeds_matter(tiny_cfg):
+    a = run(tiny_cfg("pfedlora", rounds=1), progress=False)
+    b = run(tiny_cfg("pfedlora", rounds=1), progress=False)
+    c = run(tiny_cfg("pfedlora", rounds=1, seed=1), progress=False)
+    assert strip_timing(a) == strip_timing(b)
+    assert strip_timing(a)["per_client_final_acc"] != strip_timing(c)["per_client_final_acc"]
+
+
+@needs_fmnist
+def test_fedavg_homogeneous(tiny_cfg):
+    s = run(tiny_cfg("fedavg", zoo="homo", rounds=2), progress=False)
+    n_params = 2_044_758
+    assert s["bytes_up"] == s["bytes_down"] == 2 * 5 * 4 * n_params
+    assert s["best_mean_acc"] > 60
+
+
+def test_participants_are_seeded_and_sized(tiny_cfg):
+    cfg = tiny_cfg("standalone", clients=10, frac=0.3)
+    p1 = participants(cfg, 1)
+    assert len(p1) == 3 and p1 == participants(cfg, 1)
+    assert any(participants(cfg, r) != p1 for r in range(2, 6))
+
+
+@needs_fmnist
+def test_nan_loss_stops_with_a_clear_error(tiny_cfg):
+    with pytest.raises(NonFiniteLoss, match=r"standalone: loss became (nan|inf) on client 0 in round 1; lower --lr"):
+        run(tiny_cfg("standalone", lr=1e12, grad_clip=0.0), progress=False)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(frac=0.0), "--frac"), (dict(frac=1.5), "--frac"), (dict(rounds=0), "--rounds"),
+    (dict(partition="pathological:11"), "K <= 10"), (dict(clients=7, partition="pathological:2"), "divisible"),
+    (dict(dataset="mnist"), "unknown dataset"), (dict(zoo="hetero", method="fedavg"), "homo"),
+    (dict(method="nope"), "unknown method"), (dict(train_fraction=0), "--train-fraction"),
+    (dict(device="tpu"), "unknown device"),
+])
+def test_bad_settings_are_user_errors(tiny_cfg, kw, msg):
+    method = kw.pop("method", "standalone")
+    with pytest.raises(UserError, match=msg):
+        tiny_cfg(method, **kw).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_a_user_error(tiny_cfg):
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        tiny_cfg("standalone", device="cuda").validate()

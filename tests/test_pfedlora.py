@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from mhpfl.engine import Upload, run
+from mhpfl.engine.aggregate import weighted_average
+from mhpfl.methods import get_method
+from mhpfl.methods.pfedlora import common_layers
+from tests.conftest import needs_fmnist
+
+
+def test_default_targets_are_the_layers_homogeneous_across_the_zoo():
+    assert common_layers(["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"], (3, 32, 32), 10) == ["conv1", "fc3"]
+    assert common_layers(["cnn1"] * 4, (1, 28, 28), 10) == ["fc1", "fc2", "fc3"]
+
+
+def test_server_average_is_the_sample_weighted_mean():
+    a = {"fc3.lora_A.weight": torch.tensor([[1.0, 2.0]]), "fc3.lora_B.weight": torch.tensor([[0.0]])}
+    b = {"fc3.lora_A.weight": torch.tensor([[3.0, 6.0]]), "fc3.lora_B.weight": torch.tensor([[4.0]])}
+    avg = weighted_average([Upload(0, 30, a), Upload(1, 10, b)])
+    assert torch.allclose(avg["fc3.lora_A.weight"], torch.tensor([[1.5, 3.0]]))
+    assert torch.allclose(avg["fc3.lora_B.weight"], torch.tensor([[1.0]]))
+
+
+@pytest.fixture
+def one_client(tiny_cfg):
+    """A real pFedLoRA client (5 hetero clients, Fashion-MNIST) and a fresh global adapter."""
+    from mhpfl.datasets import PartitionSpec, federate
+    from mhpfl.engine import Client, FlopMeter, Server
+
+    cfg = tiny_cfg("pfedlora", clients=5)
+    cfg.validate()
+    data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
+                    data_root=cfg.data_root, download=False, train_fraction=cfg.train_fraction)
+    method = get_method("pfedlora")()
+    client = Client(1, "cnn2", data.clients[1], data.public, data.info, cfg, FlopMeter(), "pfedlora")
+    method.init_client(client)
+    server = Server(cfg, data.info, len(data.public))
+    method.init_server(server)
+    return method, client, server
+
+
+@needs_fmnist
+def test_only_adapter_tensors_leave_the_client(one_client):
+    method, client, server = one_client
+    msg = method.server_message(server, 1, "round")
+    client.start_update(1, "round")
+    up = method.client_update(client, msg, "round")
+    r = method.rank
+    assert {k: tuple(v.shape) for k, v in up.items()} == {
+        "conv1.lora_A.weight": (r, 1, 5, 5), "conv1.lora_B.weight": (16, r, 1, 1),
+        "fc3.lora_A.weight": (r, 500), "fc3.lora_B.weight": (10, r)}
+    assert set(up) == set(msg)  # same shape on every client: what the server averages
+
+
+@needs_fmnist
+def test_each_phase_trains_only_its_part(one_client, monkeypatch):
+    method, client, server = one_client
+    model = client.model
+    snapshots = []
+    real_fit = type(client).fit
+
+    def spy(self, params, loss_fn, **kw):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = real_fit(self, params, loss_fn, **kw)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+        snapshots.append(changed)
+        return out
+
+    monkeypatch.setattr(type(client), "fit", spy)
+    client.start_update(1, "round")
+    method.client_update(client, method.server_message(server, 1, "round"), "round")
+    local_phase, adapter_phase = snapshots
+    assert local_phase and all("lora_" not in n for n in local_phase)  # adapter frozen
+    assert adapter_phase and all("lora_" in n for n in adapter_phase)  # local model frozen
+
+
+@needs_fmnist
+def test_end_to_end_beats_chance_and_bytes_are_exact(tiny_cfg):
+    cfg = tiny_cfg("pfedlora", clients=5, rounds=3, frac=0.6)
+    s = run(cfg, progress=False)
+    assert s["best_mean_acc"] > 75  # two classes per client: chance is ~50%
+    adapter_bytes = 4 * sum(s["config"]["method_options"]["rank"] * n for n in (25 + 16, 500 + 10))
+    participants = 3  # round(0.6 * 5)
+    assert s["bytes_up"] == s["bytes_down"] == cfg.rounds * participants * adapter_bytes
+    assert s["flops_per_sample"]["cnn1+lora"] > s["flops_per_sample"]["cnn1"]
