@@ -51,6 +51,20 @@ def test_only_adapter_tensors_leave_the_client(one_client):
         "conv1.lora_A.weight": (r, 1, 5, 5), "conv1.lora_B.weight": (16, r, 1, 1),
         "fc3.lora_A.weight": (r, 500), "fc3.lora_B.weight": (10, r)}
     assert set(up) == set(msg)  # same shape on every client: what the server averages
+    assert all(not torch.equal(up[k], msg[k]) for k in up)  # the adapter phase trained it
+
+
+@needs_fmnist
+def test_client_loads_the_global_adapter_before_training(one_client, monkeypatch):
+    from peft import get_peft_model_state_dict
+
+    method, client, server = one_client
+    msg = {k: torch.full_like(v, 0.01) for k, v in method.server_message(server, 1, "round").items()}
+    seen = []
+    monkeypatch.setattr(type(client), "fit", lambda self, params, loss_fn, **kw:
+                        seen.append({k: v.clone() for k, v in get_peft_model_state_dict(client.model).items()}))
+    method.client_update(client, msg, "round")
+    assert all(torch.equal(seen[0][k], msg[k]) for k in msg)
 
 
 @needs_fmnist

@@ -87,7 +87,9 @@ class PFedLoRA(Method):
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         model = client.model
-        set_peft_model_state_dict(model, message)
+        loaded = set_peft_model_state_dict(model, message)  # (1) the global adapter
+        if loaded.unexpected_keys or set(message) != set(get_peft_model_state_dict(model)):
+            raise RuntimeError(f"pfedlora: received adapter does not match the client's: {sorted(message)}")
         adapter, local = self.adapter_params(model)
 
         def ce(x, y):
