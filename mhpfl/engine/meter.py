@@ -26,7 +26,9 @@ def message_bytes(message: Mapping[str, torch.Tensor]) -> int:
 
 def forward_flops(module: nn.Module, in_shape: tuple[int, ...]) -> int:
     """fvcore's forward FLOPs of `module` on one sample of shape `in_shape`."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's import touches deprecated torch.jit APIs
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     p = next(module.parameters(), None)
