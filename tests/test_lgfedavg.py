@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import needs_fmnist
+from tests.conftest import needs_fmnist
 from mhpfl.config import RunConfig
 from mhpfl.datasets import ClientData, Split, dataset_info
 from mhpfl.engine import Client, Server, Upload, message_bytes, run

@@ -23,8 +23,11 @@ Prediction, two heads (both reported; the first is the main accuracy):
   - "head": argmax of F_k's own classifier (the official code's "w/o protos" accuracy);
   - "proto": the nearest global prototype to f_k(x) by squared L2 distance (= MSE), among the
     client's own classes (--proto-classes own, as the official code's "with protos" accuracy)
-    or among all classes with a global prototype (--proto-classes all). Before any prototype
-    has arrived this head has nothing to compare with and predicts class 0 (scores all -inf).
+    or among all classes with a global prototype (--proto-classes all). The client compares
+    with the prototypes it has *received*: those aggregated after round r reach it with round
+    r+1's message, so this head lags the local head by one round (the official code evaluates
+    with the server's latest prototypes, which a client would need one more download to hold).
+    Before any prototype has arrived it predicts class 0 (scores all -inf).
 
 Defaults and sources (docs/sources.md B6): lambda (--ld) = 1, the official code's default and its
 MNIST/FEMNIST examples (its CIFAR-10 example uses 0.1). Local prototypes (--proto-from): the
