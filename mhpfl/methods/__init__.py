@@ -17,6 +17,9 @@ BUILTIN: dict[str, str] = {
     "standalone": "mhpfl.methods.standalone:Standalone",
     "fedavg": "mhpfl.methods.fedavg:FedAvg",
     "pfedlora": "mhpfl.methods.pfedlora:PFedLoRA",
+    "lgfedavg": "mhpfl.methods.lgfedavg:LGFedAvg",
+    "fd": "mhpfl.methods.fd:FD",
+    "fedproto": "mhpfl.methods.fedproto:FedProto",
 }
 ENTRY_POINT_GROUP = "mhpfl.methods"
 

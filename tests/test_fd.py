@@ -1,0 +1,144 @@
+"""FD: per-label average logits up, per-client targets (others' logits only) down."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import needs_fmnist
+from mhpfl.config import RunConfig
+from mhpfl.datasets import ClientData, Split, dataset_info
+from mhpfl.engine import Client, Server, Upload, message_bytes, run
+from mhpfl.engine.meter import FlopMeter
+from mhpfl.errors import UserError
+from mhpfl.methods import get_method
+from mhpfl.methods.fd import distill_loss
+
+INFO = dataset_info("fmnist")
+C = INFO.num_classes
+
+
+def make_client(cid=1, arch="cnn3", labels=(2, 7), n=12):
+    g = torch.Generator().manual_seed(cid)
+    y = torch.tensor(labels).repeat(n // len(labels))
+    split = Split(torch.randn(len(y), *INFO.in_shape, generator=g), y)
+    conf = RunConfig(method="fd", download=False)
+    return Client(cid, arch, ClientData(split, split, split, sorted(labels)), split, INFO, conf,
+                  FlopMeter(), "fd")
+
+
+def make_server():
+    s = Server(RunConfig(method="fd", download=False), INFO, 0)
+    s.start_round(1)
+    return s
+
+
+def one_pass_fit(client, record):
+    """Stand-in for client.fit: one loss evaluation over all the data, no step."""
+    def fit(params, loss_fn, **kw):
+        loss = loss_fn(client.data.train.x, client.data.train.y)
+        record.append(loss.detach())
+        return float(loss.detach())
+    return fit
+
+
+def test_upload_is_per_label_mean_logits_of_training_passes(monkeypatch):
+    m = get_method("fd")()
+    client = make_client()
+    client.start_update(1, "round")
+    monkeypatch.setattr(client, "fit", one_pass_fit(client, []))
+    up = m.client_update(client, {}, "round")
+    assert list(up) == ["logits", "labels"]
+    assert up["logits"].shape == (2, C) and up["logits"].dtype == torch.float32
+    assert up["labels"].tolist() == [2, 7] and up["labels"].dtype == torch.int64
+    assert message_bytes(up) == 2 * (4 * C + 8) == 96
+    with torch.no_grad():
+        logits = client.model(client.data.train.x)
+    y = client.data.train.y
+    torch.testing.assert_close(up["logits"], torch.stack([logits[y == 2].mean(0), logits[y == 7].mean(0)]))
+
+
+def test_local_step_is_ce_plus_gamma_kl_to_received_targets(monkeypatch):
+    m = get_method("fd")(gamma=0.5, temperature=2.0)
+    client = make_client()
+    client.start_update(1, "round")
+    losses = []
+    monkeypatch.setattr(client, "fit", one_pass_fit(client, losses))
+    target = torch.randn(C)
+    m.client_update(client, {}, "round")  # round 1: nothing received, CE only
+    m.client_update(client, {"logits": target[None], "labels": torch.tensor([7])}, "round")
+    x, y = client.data.train.x, client.data.train.y
+    with torch.no_grad():
+        logits = client.model(x)
+    ce = F.cross_entropy(logits, y)
+    torch.testing.assert_close(losses[0], ce)
+    mask = y == 7
+    kl = F.kl_div(F.log_softmax(logits[mask] / 2, 1), F.softmax(target / 2, 0).expand(int(mask.sum()), C),
+                  reduction="sum") * 4 / len(y)  # label-2 samples have no target: 0
+    torch.testing.assert_close(losses[1], ce + 0.5 * kl)
+
+
+def test_distill_loss_zero_at_target_and_masks_labels_without_target():
+    table = torch.randn(C, C)
+    has = torch.zeros(C, dtype=torch.bool)
+    has[[1, 3]] = True
+    y = torch.tensor([1, 3, 5])
+    logits = torch.stack([table[1] + 4.0, table[3], torch.randn(C)])  # shift: same softmax
+    assert float(distill_loss(logits, y, table, has, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    logits[0, 0] += 3
+    assert float(distill_loss(logits, y, table, has, 1.0)) > 1e-3
+    assert float(distill_loss(torch.randn(3, C), y, table, torch.zeros(C, dtype=torch.bool), 1.0)) == 0.0
+
+
+def test_server_target_excludes_own_logits_and_averages_per_label():
+    m = get_method("fd")()
+    server = make_server()
+    m.init_server(server)
+    assert m.server_message(server, 0, "round") == {}  # round 1: nothing to send
+    L = {k: torch.randn(2, C) for k in range(3)}
+    uploads = [Upload(0, 50, {"logits": L[0], "labels": torch.tensor([0, 1])}),
+               Upload(1, 10, {"logits": L[1], "labels": torch.tensor([1, 2])}),
+               Upload(2, 99, {"logits": L[2], "labels": torch.tensor([2, 3])})]
+    m.aggregate(server, uploads, "round")
+    down = m.server_message(server, 1, "round")
+    assert down["labels"].tolist() == [0, 1, 2, 3] and down["labels"].dtype == torch.int64
+    assert down["logits"].shape == (4, C) and message_bytes(down) == 4 * (4 * C + 8)
+    # client 1's target for its label 1 is client 0's only, for label 2 client 2's only
+    torch.testing.assert_close(down["logits"], torch.stack([L[0][0], L[0][1], L[2][0], L[2][1]]))
+    down0 = m.server_message(server, 0, "round")  # label 0 is held by nobody else
+    assert down0["labels"].tolist() == [1, 2, 3]
+    torch.testing.assert_close(down0["logits"][1], (L[1][1] + L[2][0]) / 2)  # unweighted per device
+
+    incl = get_method("fd")(exclude_own=False)
+    server = make_server()
+    incl.init_server(server)
+    incl.aggregate(server, uploads, "round")
+    down = incl.server_message(server, 1, "round")
+    torch.testing.assert_close(down["logits"][1], (L[0][1] + L[1][0]) / 2)
+
+
+def test_server_keeps_latest_logits_of_absent_clients_unless_told_not_to():
+    new = torch.randn(1, C)
+    for keep, expect in ((True, [0, 5]), (False, [5])):
+        m = get_method("fd")(keep_old=keep)
+        server = make_server()
+        m.init_server(server)
+        m.aggregate(server, [Upload(0, 1, {"logits": torch.randn(1, C), "labels": torch.tensor([0])})], "round")
+        m.aggregate(server, [Upload(2, 1, {"logits": new, "labels": torch.tensor([5])})], "round")
+        assert m.server_message(server, 9, "round")["labels"].tolist() == expect
+
+
+def test_bad_options():
+    with pytest.raises(UserError):
+        get_method("fd")(temperature=0.0)
+    with pytest.raises(UserError):
+        get_method("fd")(gamma=-1.0)
+
+
+@needs_fmnist
+def test_end_to_end_beats_chance(tiny_cfg):
+    cfg = tiny_cfg("fd", clients=10, eval_every=2)  # 10 clients, K=2: every label has two holders
+    s = run(cfg, progress=False)
+    per_client = 2 * (4 * C + 8)
+    assert s["bytes_up"] == cfg.rounds * cfg.clients * per_client
+    # round 1 sends nothing; then every label has another holder: C labels per client
+    assert s["bytes_down"] == (cfg.rounds - 1) * cfg.clients * C * (4 * C + 8)
+    assert s["best_mean_acc"] > 65
