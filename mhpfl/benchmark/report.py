@@ -104,8 +104,8 @@ def methods_order(res: Results) -> list[str]:
     order = list(res.plan["methods"])
     for s in res.plan["settings"]:
         order += [m for m in s["methods"] if m not in order]
-    present = set(main_runs(res)["method"])
-    return [m for m in order if m in present]
+    planned = {e["method"] for e in res.plan["entries"] if e["group"] == "main"}
+    return [m for m in order if m in planned]  # planned but unfinished ones show as "not run"
 
 
 def accuracy_frame(res: Results) -> pd.DataFrame:
@@ -451,7 +451,8 @@ def plots(res: Results, out: Path) -> list[str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("mean personalized accuracy (%)")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
         fig.tight_layout()
         _save(fig, out, stem, written)
         plt.close(fig)
