@@ -70,7 +70,7 @@ def test_bench_caches_resumes_and_reports(tmp_path, data_root, capsys):
 
         # rerun: only the failed run is attempted again; finished runs are untouched
         unregister("crash")
-        register(Probe, "crash")  # "fixed"
+        register(type("Fixed", (Probe,), {}), "crash")  # "fixed" (a subclass: register renames)
         res2 = run_suite(suite, out, progress=False)
         assert (res2.trained, res2.cached, res2.failed) == (1, 1, [])
         assert all((out / "runs" / n / "summary.json").stat().st_mtime_ns == t for n, t in done.items())

@@ -13,6 +13,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda: device of every run (default: the suite's, cpu)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel (processes; each gets cores/J torch threads; default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's choice with --jobs 1, else cores/J); "
+                        "1 on a machine shared with other work")
     p.add_argument("--data-root", default=None, help="dataset directory (default $MHPFL_DATA or ~/.cache/mhpfl)")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,7 +61,7 @@ def cmd_bench(argv: list[str]) -> int:
             print(f"{i + 1:4d}. {state:<7} {e.run_id:<48} rounds {c.rounds}  N {c.clients}  C {c.frac:g}  "
                   f"train fraction {c.train_fraction:g}  key {e.key}")
         return 0
-    res = run_suite(suite, out, force=args.force, jobs=args.jobs, progress=not args.quiet)
+    res = run_suite(suite, out, force=args.force, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
     if res.trained or res.failed:
         print(f"suite {suite.name}: {res.trained} run(s) trained in {res.wall_seconds / 60:.1f} min, "
               f"{res.cached} cached, {len(res.failed)} failed")
@@ -113,7 +116,7 @@ def cmd_check(argv: list[str]) -> int:
     args = p.parse_args(argv)
     suite = load_suite(args.suite, overrides=_overrides(args))
     return run_check(suite, args.reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
-                     out=args.out, progress=not args.quiet)
+                     threads=args.threads, out=args.out, progress=not args.quiet)
 
 
 COMMANDS = {"bench": cmd_bench, "report": cmd_report, "check": cmd_check}

@@ -418,7 +418,8 @@ def _save(fig, out: Path, stem: str, written: list[str]) -> None:
 def _grid(plt, n: int):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
@@ -435,7 +436,9 @@ def plots(res: Results, out: Path) -> list[str]:
                                      ("accuracy_vs_bytes", "cum_bytes", "cumulative bytes (up + down, all clients)", True),
                                      ("accuracy_vs_flops", "cum_train_flops", "cumulative client training FLOPs", True)):
         fig, axes = _grid(plt, len(sets))
+        handles: dict[str, Any] = {}
         for ax, s in zip(axes, sets):
+            silent = []
             for m in methods:
                 if runs[(runs["setting"] == s["name"]) & (runs["method"] == m)].empty:
                     continue
@@ -443,17 +446,22 @@ def plots(res: Results, out: Path) -> list[str]:
                 if logx:
                     c = c[c[xcol] > 0]
                     if c.empty:  # nothing sent (Standalone) cannot sit on a log axis
+                        silent.append(disp(m))
                         continue
-                ax.plot(c[xcol], c["mean_acc"], marker="." if len(c) < 30 else None, color=colors[m], label=disp(m))
+                (line,) = ax.plot(c[xcol], c["mean_acc"], marker="." if len(c) < 30 else None,
+                                  color=colors[m], label=disp(m))
+                handles.setdefault(disp(m), line)
             if logx:
                 ax.set_xscale("log")
+            if silent:
+                ax.text(0.02, 0.02, f"not shown (x = 0): {', '.join(silent)}", transform=ax.transAxes, fontsize=7)
             ax.set_title(s["label"])
             ax.set_xlabel(xlabel)
             ax.set_ylabel("mean personalized accuracy (%)")
             ax.grid(alpha=0.3)
-        if axes[0].get_legend_handles_labels()[0]:
-            axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                       ncol=min(len(handles), 5), fontsize=8)
         _save(fig, out, stem, written)
         plt.close(fig)
 
@@ -470,7 +478,6 @@ def plots(res: Results, out: Path) -> list[str]:
         ax.set_title(s["label"])
         ax.set_ylabel("final per-client accuracy (%)")
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
     _save(fig, out, "client_accuracy", written)
     plt.close(fig)
 
@@ -494,7 +501,6 @@ def plots(res: Results, out: Path) -> list[str]:
             ax.set_xlabel(a["option"])
             ax.set_ylabel("best mean accuracy (%)")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         _save(fig, out, "ablation", written)
         plt.close(fig)
     return written

@@ -87,6 +87,7 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
     from mhpfl.config import RunConfig
     from mhpfl.engine import run
 
+    before = torch.get_num_threads()
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     tmp, final = Path(job["tmp"]), Path(job["final"])
@@ -118,6 +119,7 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
         return {"index": idx, "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(before)
 
 
 def _worker(job: dict[str, Any], queue) -> dict[str, Any]:
@@ -183,11 +185,16 @@ def prepare_out(out: str | Path) -> Path:
 
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int = 1,
-              progress: bool = True, log: Callable[[str], None] = print) -> BenchResult:
-    """Run every run of `suite` not already finished in `out` (all of them with force)."""
+              threads: int | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> BenchResult:
+    """Run every run of `suite` not already finished in `out` (all of them with force).
+    `threads`: torch threads per run (default: torch's own with one job, cores // jobs with
+    several; on a machine shared with other work, 1 avoids oversubscription)."""
     out = prepare_out(out)
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {threads})")
     lock = _Lock(out)
     try:
         _clean_inflight(out)
@@ -204,7 +211,8 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int =
         if not todo:
             return res
         t0, started = time.perf_counter(), _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        threads = max(1, _available_cores() // jobs) if jobs > 1 else None
+        if threads is None:
+            threads = max(1, _available_cores() // jobs) if jobs > 1 else None
         pid = os.getpid()
         jobs_spec = [{"index": i, "key": e.key, "config": e.cfg.to_dict(), "threads": threads,
                       "tmp": str(out / ".inflight" / f"{run_dirname(e)}.{pid}"),

@@ -29,7 +29,8 @@ _REGISTERED: dict[str, type[Method]] = {}  # in-process registrations (see `regi
 
 def register(cls: type[Method], name: str | None = None) -> type[Method]:
     """Make `cls` available as method `name` (default `cls.name`) in this process; replaces an
-    earlier in-process registration of the same name. Usable as a class decorator."""
+    earlier in-process registration of the same name. Sets `cls.name = name` (summaries record
+    it), so register a subclass to reuse one class under several names. Usable as a decorator."""
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"register() needs a Method subclass, got {cls!r}")
     name = name or cls.name
