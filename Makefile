@@ -25,6 +25,27 @@ bench-smoke: install
 	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --quiet --out runs/smoke/pfedlora
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
+# The quick suite (CPU, ~30-45 min on 2 cores) and its report into results/quick/. Finished runs
+# are cached there: rerunning trains nothing. BENCH_ARGS e.g. "--jobs 2" or "--force".
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/mhpfl bench quick --out results/quick $(BENCH_ARGS)
+
+# The paper's protocol (CIFAR-10/100, 500 rounds): meant for a GPU; PAPER_DEVICE=cpu to force CPU.
+PAPER_DEVICE ?= $(shell test -x $(BIN)/python && $(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+bench-paper: install
+	$(BIN)/mhpfl bench paper --out results/paper --device $(PAPER_DEVICE) $(BENCH_ARGS)
+
+# Tables and plots again from finished runs (DIR=results/quick by default).
+DIR ?= results/quick
+report: install
+	$(BIN)/mhpfl report $(DIR)
+
+# Regression check: reruns the smoke suite, compares with results/smoke/reference.json.
+CHECK_ARGS ?=
+check: install
+	$(BIN)/mhpfl check --quiet $(CHECK_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache .benchmarks
 

@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: mhpfl {" + ",".join(COMMANDS) + "} ...\n"
               "  list                 methods, datasets and model zoos\n"
               "  run METHOD [opts]    one federated experiment (mhpfl run METHOD --help)\n"
-              "  compare DIR...       table of finished runs")
+              "  compare DIR...       table of finished runs\n"
+              "  bench SUITE          run a benchmark suite (smoke, quick, paper or a .toml), cached\n"
+              "  report DIR           tables and plots of a bench folder\n"
+              "  check                regression check against results/smoke/reference.json")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
             return 2

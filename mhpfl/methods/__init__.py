@@ -2,6 +2,10 @@
 
 A plugin is an installed package that declares an entry point in the group `mhpfl.methods`
 whose value is a `Method` subclass (see docs/methods.md). Built-ins are imported lazily.
+
+`register(cls)` adds a method to this process only (tests, notebooks, scripts that define a
+method inline). Such a method is visible to runs in the same process (`mhpfl bench --jobs 1`,
+`mhpfl.engine.run`), not to worker processes: use an entry point for those.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from importlib.metadata import entry_points
 from mhpfl.errors import UserError
 from mhpfl.methods.base import Message, Method, Option
 
-__all__ = ["Method", "Message", "Option", "BUILTIN", "get_method", "available_methods"]
+__all__ = ["Method", "Message", "Option", "BUILTIN", "get_method", "available_methods", "register",
+           "unregister"]
 
 BUILTIN: dict[str, str] = {
     "standalone": "mhpfl.methods.standalone:Standalone",
@@ -22,6 +27,26 @@ BUILTIN: dict[str, str] = {
     "fedproto": "mhpfl.methods.fedproto:FedProto",
 }
 ENTRY_POINT_GROUP = "mhpfl.methods"
+_REGISTERED: dict[str, type[Method]] = {}  # in-process registrations (see `register`)
+
+
+def register(cls: type[Method], name: str | None = None) -> type[Method]:
+    """Make `cls` available as method `name` (default `cls.name`) in this process; replaces an
+    earlier in-process registration of the same name. Sets `cls.name = name` (summaries record
+    it), so register a subclass to reuse one class under several names. Usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register() needs a Method subclass, got {cls!r}")
+    name = name or cls.name
+    if name in BUILTIN:
+        raise ValueError(f"'{name}' is a built-in method; register under another name")
+    cls.name = name
+    _REGISTERED[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Undo `register(…, name)` (no-op if absent)."""
+    _REGISTERED.pop(name, None)
 
 
 def _load(target: str) -> type[Method]:
@@ -30,7 +55,8 @@ def _load(target: str) -> type[Method]:
 
 
 def _plugins() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN}
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)
+            if ep.name not in BUILTIN and ep.name not in _REGISTERED}
 
 
 def _load_plugin(name: str, ep) -> type[Method]:
@@ -51,16 +77,19 @@ def _load_plugin(name: str, ep) -> type[Method]:
 def get_method(name: str) -> type[Method]:
     if name in BUILTIN:
         return _load(BUILTIN[name])
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     plugins = _plugins()
     if name in plugins:
         return _load_plugin(name, plugins[name])
-    known = ", ".join(sorted([*BUILTIN, *plugins]))
+    known = ", ".join(sorted({*BUILTIN, *_REGISTERED, *plugins}))
     raise UserError(f"unknown method '{name}'; choose one of {known} (see 'mhpfl list')")
 
 
 def available_methods() -> dict[str, type[Method] | UserError]:
     """Every method name -> its class, or the error that loading its plugin raised."""
     out: dict[str, type[Method] | UserError] = {n: _load(t) for n, t in BUILTIN.items()}
+    out.update(_REGISTERED)
     for name, ep in sorted(_plugins().items()):
         try:
             out[name] = _load_plugin(name, ep)

@@ -1,0 +1,594 @@
+"""The report of a suite's output folder: tables, plots and a README.
+
+Definitions (also written into the files):
+- accuracy of a run: its best mean personalized test accuracy over the evaluated rounds (the
+  paper's tables); cells are the mean ± sample std over seeds.
+- per-round costs are per *participating client*: (total client training FLOPs after setup) /
+  (rounds x participants per round); bytes up (client -> server) and down likewise. The ratios
+  between methods are the same as for totals, since every method has the same participants.
+- target accuracy of a setting: `target` of the setting, else [report] target, else the lowest
+  best accuracy among the methods compared (on the seed-averaged curves), so all reach it.
+  Rounds / FLOPs / bytes to target: first evaluated round at which the seed-averaged mean
+  accuracy reaches the target, and the cumulative client FLOPs (setup included) and bytes (up +
+  down, all clients) at that round. With eval_every > 1, rounds are rounded up to an evaluation.
+Re-running the report on the same runs rewrites identical tables (no timestamps in them).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mhpfl.errors import UserError
+from mhpfl.io import atomic_write_text
+
+PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
+DISPLAY = {"standalone": "Standalone", "fedavg": "FedAvg", "fedmd": "FedMD", "fedkd": "FedKD",
+           "fml": "FML", "lgfedavg": "LG-FedAvg", "fd": "FD", "fedproto": "FedProto", "pfedlora": "pFedLoRA"}
+DASH = "—"
+
+
+def disp(m: str) -> str:
+    return DISPLAY.get(m, m)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+@dataclass
+class Results:
+    out: Path
+    plan: dict[str, Any]
+    runs: pd.DataFrame  # one row per plan entry whose run finished
+    curves: dict[str, pd.DataFrame]  # run key -> rounds.csv
+    missing: list[str]  # run ids planned but not finished
+
+
+def load(out: str | Path) -> Results:
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder; run 'mhpfl bench SUITE --out {out}' first")
+    plan_f = out / "suite.json"
+    if not plan_f.is_file():
+        raise UserError(f"{out} has no suite.json (no finished runs of a suite); run "
+                        f"'mhpfl bench SUITE --out {out}' first")
+    try:
+        plan = json.loads(plan_f.read_text())
+    except ValueError:
+        raise UserError(f"{plan_f} is damaged; rerun 'mhpfl bench SUITE --out {out}' (finished runs are kept)") from None
+    settings = {s["name"]: s for s in plan["settings"]}
+    rows, curves, missing = [], {}, []
+    for e in plan["entries"]:
+        d = out / "runs" / f"{e['method']}-{e['key']}"
+        if not (d / "summary.json").is_file():
+            missing.append(e["run_id"])
+            continue
+        s = json.loads((d / "summary.json").read_text())
+        if e["key"] not in curves:
+            curves[e["key"]] = pd.read_csv(d / "rounds.csv")
+        c = curves[e["key"]]
+        cfg = s["config"]
+        m = max(1, round(cfg["frac"] * cfg["clients"]))
+        setup = float(c.loc[c["round"] == 0, "train_flops"].sum())
+        denom = s["rounds_run"] * m
+        rows.append({**{k: e[k] for k in ("key", "group", "setting", "method", "seed", "run_id")},
+                     "value": "" if e["value"] is None else str(e["value"]),
+                     "label": settings[e["setting"]]["label"],
+                     "best_acc": s["best_mean_acc"], "final_acc": s["final_mean_acc"],
+                     "final_std_clients": s["final_std_acc"],
+                     "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"], "train_flops": s["train_flops"],
+                     "setup_flops": setup, "rounds": s["rounds_run"], "participants": m,
+                     "flops_per_round": (s["train_flops"] - setup) / denom,
+                     "up_per_round": s["bytes_up"] / denom, "down_per_round": s["bytes_down"] / denom,
+                     "per_client_final": s["per_client_final_acc"], "wall_seconds": s["wall_seconds"],
+                     "versions": cfg.get("versions", {})})
+    if not rows:
+        raise UserError(f"no finished runs in {out}; run 'mhpfl bench {plan.get('suite', 'SUITE')} --out {out}' first")
+    return Results(out, plan, pd.DataFrame(rows), curves, missing)
+
+
+# ---- aggregation --------------------------------------------------------------------------------
+def main_runs(res: Results) -> pd.DataFrame:
+    return res.runs[res.runs["group"] == "main"]
+
+
+def settings_with_data(res: Results) -> list[dict]:
+    present = set(main_runs(res)["setting"])
+    return [s for s in res.plan["settings"] if s["name"] in present]
+
+
+def methods_order(res: Results) -> list[str]:
+    order = list(res.plan["methods"])
+    for s in res.plan["settings"]:
+        order += [m for m in s["methods"] if m not in order]
+    planned = {e["method"] for e in res.plan["entries"] if e["group"] == "main"}
+    return [m for m in order if m in planned]  # planned but unfinished ones show as "not run"
+
+
+def accuracy_frame(res: Results) -> pd.DataFrame:
+    g = main_runs(res).groupby(["setting", "method"], sort=False)
+    a = g.agg(n_seeds=("seed", "nunique"), best_acc_mean=("best_acc", "mean"), best_acc_std=("best_acc", "std"),
+              final_acc_mean=("final_acc", "mean"), final_acc_std=("final_acc", "std")).reset_index()
+    return a
+
+
+def mean_curve(res: Results, setting: str, method: str) -> pd.DataFrame:
+    """Seed-averaged curve: round, mean_acc, cum_train_flops, cum_bytes (up + down)."""
+    runs = main_runs(res)
+    keys = runs[(runs["setting"] == setting) & (runs["method"] == method)]["key"].unique()
+    frames = []
+    for k in keys:
+        c = res.curves[k]
+        frames.append(pd.DataFrame({"round": c["round"], "mean_acc": c["mean_acc"],
+                                    "cum_train_flops": c["cum_train_flops"].astype(float),
+                                    "cum_bytes": (c["cum_bytes_up"] + c["cum_bytes_down"]).astype(float)}))
+    return pd.concat(frames).groupby("round", sort=True).mean().reset_index()
+
+
+def targets(res: Results, override: float | None = None) -> dict[str, float]:
+    out = {}
+    conf = res.plan["report"].get("target", "min-best")
+    for s in settings_with_data(res):
+        if override is not None:
+            out[s["name"]] = float(override)
+        elif s.get("target") is not None:
+            out[s["name"]] = float(s["target"])
+        elif conf != "min-best":
+            out[s["name"]] = float(conf)
+        else:
+            ms = main_runs(res)[main_runs(res)["setting"] == s["name"]]["method"].unique()
+            out[s["name"]] = min(float(mean_curve(res, s["name"], m)["mean_acc"].max()) for m in ms)
+    return out
+
+
+def cost_frame(res: Results, target_override: float | None = None) -> pd.DataFrame:
+    ref = res.plan["report"]["reference"]
+    tg = targets(res, target_override)
+    rows = []
+    runs = main_runs(res)
+    for s in settings_with_data(res):
+        sub = runs[runs["setting"] == s["name"]]
+        for m in methods_order(res):
+            r = sub[sub["method"] == m]
+            if r.empty:
+                continue
+            c = mean_curve(res, s["name"], m)
+            hit = c[c["mean_acc"] >= tg[s["name"]] - 1e-9]
+            first = hit.iloc[0] if not hit.empty else None
+            rows.append({"setting": s["name"], "label": s["label"], "method": m, "target_acc": tg[s["name"]],
+                         "flops_per_round": r["flops_per_round"].mean(),
+                         "bytes_up_per_round": r["up_per_round"].mean(),
+                         "bytes_down_per_round": r["down_per_round"].mean(),
+                         "bytes_per_round": (r["up_per_round"] + r["down_per_round"]).mean(),
+                         "rounds_to_target": float(first["round"]) if first is not None else math.nan,
+                         "flops_to_target": float(first["cum_train_flops"]) if first is not None else math.nan,
+                         "bytes_to_target": float(first["cum_bytes"]) if first is not None else math.nan})
+    df = pd.DataFrame(rows)
+    for col in ("flops_per_round", "bytes_per_round", "rounds_to_target", "flops_to_target", "bytes_to_target"):
+        refv = df[df["method"] == ref].set_index("setting")[col]
+        df[f"{col}_x_{ref}"] = [_ratio(v, refv.get(s, math.nan)) for v, s in zip(df[col], df["setting"])]
+    return df
+
+
+def _ratio(a: float, b: float) -> float:
+    if b is None or not np.isfinite(b) or not np.isfinite(a) or b == 0:
+        return math.nan
+    return float(a) / float(b)
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def si(x: float, unit: str = "") -> str:
+    if x is None or not np.isfinite(x):
+        return DASH
+    if x == 0:
+        return f"0 {unit}".strip()
+    for p, s in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= p:
+            return f"{x / p:.3g} {s}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def times(x: float) -> str:
+    return DASH if x is None or not np.isfinite(x) else f"{x:.2f}x"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("—", "--"), ("−", "$-$"), ("×", r"$\times$")):
+        s = s.replace(a, b)
+    return s
+
+
+def tex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] = frozenset(),
+              caption: str = "") -> str:
+    out = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+           " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+    for i, r in enumerate(rows):
+        cells = [(r"\textbf{" + tex_escape(c) + "}") if (i, j) in bold else tex_escape(c) for j, c in enumerate(r)]
+        out.append(" & ".join(cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        out.insert(0, f"% {caption}")
+    return "\n".join(out) + "\n"
+
+
+# ---- tables -------------------------------------------------------------------------------------
+def accuracy_tables(res: Results) -> tuple[str, str, str]:
+    acc = accuracy_frame(res)
+    sets = settings_with_data(res)
+    methods = methods_order(res)
+    ref, baselines = res.plan["report"]["reference"], res.plan["report"]["baselines"]
+    skipped = {s["name"]: set(s.get("skipped", [])) for s in res.plan["settings"]}
+    header = ["Method"] + [s["label"] for s in sets]
+    rows, bold = [], set()
+    cell = {(r.setting, r.method): r for r in acc.itertuples()}
+    best = {s["name"]: acc[acc["setting"] == s["name"]]["best_acc_mean"].max() for s in sets}
+    for i, m in enumerate(methods):
+        row = [disp(m)]
+        for j, s in enumerate(sets):
+            r = cell.get((s["name"], m))
+            if r is None:
+                row.append(DASH if m in skipped[s["name"]] or m not in s["methods"] else "not run")
+                continue
+            txt = f"{r.best_acc_mean:.2f}" + (f" ± {r.best_acc_std:.2f}" if r.n_seeds > 1 else "")
+            if math.isclose(r.best_acc_mean, best[s["name"]], abs_tol=1e-9):
+                bold.add((i, j + 1))
+                row.append(txt)
+            else:
+                row.append(txt)
+        rows.append(row)
+    margin, margin_rows = [f"{disp(ref)} − best baseline"], []
+    for s in sets:
+        mine = cell.get((s["name"], ref))
+        bl = [cell[(s["name"], b)] for b in baselines if (s["name"], b) in cell]
+        if mine is None or not bl:
+            margin.append(DASH)
+            continue
+        top = max(bl, key=lambda r: r.best_acc_mean)
+        d = mine.best_acc_mean - top.best_acc_mean
+        margin.append(f"{d:+.2f} (vs {disp(top.method)})")
+        margin_rows.append({"setting": s["name"], "label": s["label"], "method": f"{ref}_margin",
+                            "versus": top.method, "best_acc_mean": d})
+    rows.append(margin)
+    md_rows = [[f"**{c}**" if (i, j) in bold else c for j, c in enumerate(r)] for i, r in enumerate(rows)]
+    n_seeds = sorted(set(acc["n_seeds"]))
+    note = (f"Best mean personalized test accuracy (%) over rounds; mean ± sample std over "
+            f"{'/'.join(map(str, n_seeds))} seed(s) (no ± with one seed). Best per column in bold. "
+            f"Last row: {disp(ref)} minus the most accurate of the baselines "
+            f"{', '.join(disp(b) for b in baselines)} that ran in the column. "
+            f"{DASH}: the method cannot run in that setting (zoo) or is not in it.")
+    md = f"# Accuracy: suite {res.plan['suite']}\n\n" + md_table(header, md_rows) + f"\n{note}\n"
+    if res.missing:
+        md += f"\nIncomplete: {len(res.missing)} planned run(s) have not finished (see README.md).\n"
+    tex = tex_table(header, rows, bold, caption=note)
+    csv = pd.concat([acc.merge(pd.DataFrame([{"setting": s["name"], "label": s["label"]} for s in sets]), on="setting"),
+                     pd.DataFrame(margin_rows)], ignore_index=True)
+    csv["is_best"] = [(not str(m).endswith("_margin")) and math.isclose(v, best.get(st, math.nan), abs_tol=1e-9)
+                      for m, v, st in zip(csv["method"], csv["best_acc_mean"], csv["setting"])]
+    cols = ["setting", "label", "method", "versus", "n_seeds", "best_acc_mean", "best_acc_std",
+            "final_acc_mean", "final_acc_std", "is_best"]
+    for c in cols:
+        if c not in csv:
+            csv[c] = np.nan
+    return md, tex, csv[cols].to_csv(index=False, float_format="%.6g")
+
+
+def cost_tables(res: Results, target_override: float | None = None) -> tuple[str, str, str, pd.DataFrame]:
+    df = cost_frame(res, target_override)
+    ref = res.plan["report"]["reference"]
+    R = disp(ref)
+    header = ["Method", "FLOPs/round", "bytes up/round", "bytes down/round", "bytes/round",
+              "rounds to target", "FLOPs to target", "bytes to target"]
+    md = [f"# Cost: suite {res.plan['suite']}\n",
+          f"Per round: per participating client (FLOPs of local training; bytes sent up and down). "
+          f"To target: cumulative over all clients (setup included) until the seed-averaged mean accuracy "
+          f"first reaches the setting's target. In parentheses: ratio to {R}'s value "
+          f"(> 1: costs more than {R}). {DASH}: not reached or not defined.\n"]
+    tex = []
+    for s in settings_with_data(res):
+        sub = df[df["setting"] == s["name"]]
+        rows = []
+        for r in sub.itertuples():
+            def x(col):
+                return times(getattr(r, f"{col}_x_{ref}"))
+            rows.append([disp(r.method), f"{si(r.flops_per_round)} ({x('flops_per_round')})",
+                         si(r.bytes_up_per_round, "B"), si(r.bytes_down_per_round, "B"),
+                         f"{si(r.bytes_per_round, 'B')} ({x('bytes_per_round')})",
+                         (f"{r.rounds_to_target:.0f} ({x('rounds_to_target')})" if np.isfinite(r.rounds_to_target) else DASH),
+                         f"{si(r.flops_to_target)} ({x('flops_to_target')})" if np.isfinite(r.flops_to_target) else DASH,
+                         f"{si(r.bytes_to_target, 'B')} ({x('bytes_to_target')})" if np.isfinite(r.bytes_to_target) else DASH])
+        title = f"{s['label']}: target accuracy {sub['target_acc'].iloc[0]:.2f}%"
+        md.append(f"## {title}\n\n" + md_table(header, rows))
+        tex.append(tex_table(header, rows, caption=title))
+    return "\n".join(md), "\n".join(tex), df.to_csv(index=False, float_format="%.6g"), df
+
+
+def headline(res: Results, cost: pd.DataFrame) -> str:
+    ref, baselines = res.plan["report"]["reference"], res.plan["report"]["baselines"]
+    R = disp(ref)
+    acc = accuracy_frame(res)
+    rows, deltas, comps, comms = [], [], [], []
+    for s in settings_with_data(res):
+        a = acc[acc["setting"] == s["name"]].set_index("method")
+        c = cost[cost["setting"] == s["name"]].set_index("method")
+        bl = [b for b in baselines if b in a.index]
+        if ref not in a.index or not bl:
+            rows.append([s["label"], DASH, DASH, DASH, DASH, DASH, DASH, DASH])
+            continue
+        top = max(bl, key=lambda b: a.loc[b, "best_acc_mean"])
+        d = a.loc[ref, "best_acc_mean"] - a.loc[top, "best_acc_mean"]
+        comp = _ratio(c.loc[top, "flops_per_round"], c.loc[ref, "flops_per_round"])
+        comm = _ratio(c.loc[top, "bytes_per_round"], c.loc[ref, "bytes_per_round"])
+        comp_t = _ratio(c.loc[top, "flops_to_target"], c.loc[ref, "flops_to_target"])
+        comm_t = _ratio(c.loc[top, "bytes_to_target"], c.loc[ref, "bytes_to_target"])
+        deltas.append(d)
+        comps.append(comp)
+        comms.append(comm)
+        rows.append([s["label"], disp(top), f"{a.loc[ref, 'best_acc_mean']:.2f} vs {a.loc[top, 'best_acc_mean']:.2f}",
+                     f"{d:+.2f}", times(comp), times(comm), times(comp_t), times(comm_t)])
+
+    def gmean(v):
+        v = [x for x in v if np.isfinite(x) and x > 0]
+        return float(np.exp(np.mean(np.log(v)))) if v else math.nan
+
+    header = ["Setting", "most accurate baseline", f"accuracy ({R} vs it)", "Δ accuracy (points)",
+              "computation ratio / round", "communication ratio / round", "computation ratio to target",
+              "communication ratio to target"]
+    if deltas:
+        rows.append(["**all settings** (mean Δ, geometric-mean ratios)", "", "", f"{np.mean(deltas):+.2f}",
+                     times(gmean(comps)), times(gmean(comms)), "", ""])
+    rows.append(["**paper** (CIFAR-10/100, its figures)", "", "", f"+{PAPER['acc']:.2f}",
+                 f"{PAPER['comp']:.2f}x", f"{PAPER['comm']:.2f}x", "", ""])
+    return (f"# Headline: suite {res.plan['suite']}\n\n"
+            f"The paper's claim, recomputed on our runs: {R} against the most accurate baseline "
+            f"(among {', '.join(disp(b) for b in baselines)}) of each setting.\n\n"
+            + md_table(header, rows) +
+            f"\nHow each number is computed:\n"
+            f"- Δ accuracy = {R}'s best mean personalized accuracy − the baseline's (points; mean over seeds).\n"
+            f"- computation ratio / round = the baseline's client training FLOPs per participating client per "
+            f"round ÷ {R}'s (x times less computation for {R} when > 1).\n"
+            f"- communication ratio / round = the baseline's bytes (up + down) per participating client per "
+            f"round ÷ {R}'s.\n"
+            f"- ... to target: the same ratios for the cumulative FLOPs and bytes until the setting's target "
+            f"accuracy is first reached (see cost.md).\n"
+            f"- all settings: mean of Δ, geometric mean of the per-round ratios.\n"
+            f"- paper: +{PAPER['acc']} points, {PAPER['comp']}x less computation and {PAPER['comm']}x less "
+            f"communication than the most accurate baseline (arXiv 2310.13283, on CIFAR-10/100); "
+            f"how the paper aggregates over settings is not known to us.\n")
+
+
+def ablation_tables(res: Results) -> tuple[str, str]:
+    abl = res.plan.get("ablations", [])
+    rows_md, csv_rows = [], []
+    for a in abl:
+        sub = res.runs[res.runs["group"] == f"ablation:{a['name']}"]
+        if sub.empty:
+            continue
+        label = next(s["label"] for s in res.plan["settings"] if s["name"] == a["setting"])
+        rows = []
+        for v in a["values"]:
+            r = sub[sub["value"] == str(v)]
+            if r.empty:
+                rows.append([str(v), "not run", DASH, DASH])
+                continue
+            n = r["seed"].nunique()
+            acc = f"{r['best_acc'].mean():.2f}" + (f" ± {r['best_acc'].std():.2f}" if n > 1 else "")
+            rows.append([str(v) + (" (default)" if str(v) == str(a["default"]) else ""), acc,
+                         si(r["flops_per_round"].mean()), si((r["up_per_round"] + r["down_per_round"]).mean(), "B")])
+            csv_rows.append({"ablation": a["name"], "method": a["method"], "setting": a["setting"],
+                             "option": a["option"], "value": str(v), "n_seeds": n,
+                             "best_acc_mean": r["best_acc"].mean(), "best_acc_std": r["best_acc"].std(),
+                             "flops_per_round": r["flops_per_round"].mean(),
+                             "bytes_per_round": (r["up_per_round"] + r["down_per_round"]).mean()})
+        rows_md.append(f"## {disp(a['method'])}: {a['option']} ({label})\n\n"
+                       + md_table([a["option"], "best acc (%)", "FLOPs/round", "bytes/round"], rows))
+    if not rows_md:
+        return "", ""
+    return (f"# Ablation: suite {res.plan['suite']}\n\n" + "\n".join(rows_md),
+            pd.DataFrame(csv_rows).to_csv(index=False, float_format="%.6g"))
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "mhpfl", "figure.dpi": 100, "font.size": 9})
+    return plt
+
+
+def _save(fig, out: Path, stem: str, written: list[str]) -> None:
+    fig.savefig(out / f"{stem}.png", dpi=130, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None,
+                                                                     "Producer": None, "Creator": None})
+    written += [f"{stem}.png", f"{stem}.pdf"]
+
+
+def _grid(plt, n: int):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def plots(res: Results, out: Path) -> list[str]:
+    plt = _plt()
+    written: list[str] = []
+    sets = settings_with_data(res)
+    methods = methods_order(res)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    runs = main_runs(res)
+    for stem, xcol, xlabel, logx in (("accuracy_vs_round", "round", "round", False),
+                                     ("accuracy_vs_bytes", "cum_bytes", "cumulative bytes (up + down, all clients)", True),
+                                     ("accuracy_vs_flops", "cum_train_flops", "cumulative client training FLOPs", True)):
+        fig, axes = _grid(plt, len(sets))
+        handles: dict[str, Any] = {}
+        for ax, s in zip(axes, sets):
+            silent = []
+            for m in methods:
+                if runs[(runs["setting"] == s["name"]) & (runs["method"] == m)].empty:
+                    continue
+                c = mean_curve(res, s["name"], m)
+                if logx:
+                    c = c[c[xcol] > 0]
+                    if c.empty:  # nothing sent (Standalone) cannot sit on a log axis
+                        silent.append(disp(m))
+                        continue
+                (line,) = ax.plot(c[xcol], c["mean_acc"], marker="." if len(c) < 30 else None,
+                                  color=colors[m], label=disp(m))
+                handles.setdefault(disp(m), line)
+            if logx:
+                ax.set_xscale("log")
+            if silent:
+                ax.text(0.02, 0.02, f"not shown (x = 0): {', '.join(silent)}", transform=ax.transAxes, fontsize=7)
+            ax.set_title(s["label"])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean personalized accuracy (%)")
+            ax.grid(alpha=0.3)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                       ncol=min(len(handles), 5), fontsize=8)
+        _save(fig, out, stem, written)
+        plt.close(fig)
+
+    fig, axes = _grid(plt, len(sets))
+    for ax, s in zip(axes, sets):
+        data, labels = [], []
+        for m in methods:
+            r = runs[(runs["setting"] == s["name"]) & (runs["method"] == m)]
+            if not r.empty:
+                data.append(np.concatenate([np.asarray(v, float) for v in r["per_client_final"]]))
+                labels.append(disp(m))
+        ax.boxplot(data, tick_labels=labels) if _mpl_ge("3.9") else ax.boxplot(data, labels=labels)
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.set_title(s["label"])
+        ax.set_ylabel("final per-client accuracy (%)")
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, out, "client_accuracy", written)
+    plt.close(fig)
+
+    abl = [a for a in res.plan.get("ablations", []) if not res.runs[res.runs["group"] == f"ablation:{a['name']}"].empty]
+    if abl:
+        fig, axes = _grid(plt, len(abl))
+        for ax, a in zip(axes, abl):
+            sub = res.runs[res.runs["group"] == f"ablation:{a['name']}"]
+            xs, ys, es = [], [], []
+            for v in a["values"]:
+                r = sub[sub["value"] == str(v)]
+                if r.empty:
+                    continue
+                xs.append(str(v))
+                ys.append(r["best_acc"].mean())
+                es.append(r["best_acc"].std() if len(r) > 1 else 0.0)
+            ax.errorbar(range(len(xs)), ys, yerr=es, marker="o", capsize=3, color=colors.get(a["method"], "C0"))
+            ax.set_xticks(range(len(xs)), xs)
+            label = next(s["label"] for s in res.plan["settings"] if s["name"] == a["setting"])
+            ax.set_title(f"{disp(a['method'])}: {a['option']} ({label})")
+            ax.set_xlabel(a["option"])
+            ax.set_ylabel("best mean accuracy (%)")
+            ax.grid(alpha=0.3)
+        _save(fig, out, "ablation", written)
+        plt.close(fig)
+    return written
+
+
+def _mpl_ge(v: str) -> bool:
+    import matplotlib
+
+    return tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= tuple(int(x) for x in v.split("."))
+
+
+# ---- README -------------------------------------------------------------------------------------
+def readme(res: Results, files: list[str]) -> str:
+    bench_f = res.out / "bench.json"
+    sessions = json.loads(bench_f.read_text())["sessions"] if bench_f.is_file() else []
+    sessions = [s for s in sessions if s.get("suite") == res.plan["suite"]]
+    uniq = res.runs.drop_duplicates("key")
+    versions = sorted({json.dumps(v, sort_keys=True) for v in uniq["versions"]})
+    codes = sorted({json.loads((res.out / "runs" / f"{m}-{k}" / "run.json").read_text()).get("code", "?")
+                    for m, k in zip(uniq["method"], uniq["key"]) if (res.out / "runs" / f"{m}-{k}" / "run.json").is_file()})
+    lines = [f"# Results of suite `{res.plan['suite']}`", "",
+             res.plan.get("description", ""), "",
+             f"Suite file: `{res.plan['source']}` (copy: `suite.toml`). Regenerate with "
+             f"`mhpfl bench {res.plan['suite']} --out {res.out}` (cached runs are reused; `--force` reruns) "
+             f"or only the tables and plots with `mhpfl report {res.out}`.", "",
+             f"Runs: {len(uniq)} finished of {len({e['key'] for e in res.plan['entries']})} planned."]
+    if res.missing:
+        lines.append(f"Not finished ({len(res.missing)}): " + ", ".join(f"`{m}`" for m in res.missing[:20])
+                     + (" ..." if len(res.missing) > 20 else ""))
+    lines += ["", "## Environment", ""]
+    machines = sorted({json.dumps(s["machine"], sort_keys=True) for s in sessions})
+    for mj in machines:
+        m = json.loads(mj)
+        lines.append(f"- machine: {m['cpu']}, {m['cores']} cores; GPU: {m['gpu'] or 'none used'}; "
+                     f"device {m['device']}; torch {m['torch']}; Python {m['python']}; {m['platform']}")
+    for vj in versions:
+        v = json.loads(vj)
+        lines.append("- libraries of the runs: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
+    lines.append(f"- code fingerprint(s) of the runs: {', '.join(codes) or 'unknown'}"
+                 + (" (runs from different code: rerun with --force for one version)" if len(codes) > 1 else ""))
+    lines += ["", "## Time", ""]
+    total = float(uniq["wall_seconds"].sum())
+    for s in sessions:
+        lines.append(f"- bench session started {s['started']}: {s['wall_seconds'] / 60:.1f} min wall time, "
+                     f"{s['runs_trained']} run(s) trained, {s['runs_cached']} cached, --jobs {s['jobs']}")
+    lines.append(f"- sum of the runs' own wall times: {total / 60:.1f} min")
+    lines += ["", "## Files", ""]
+    desc = {"accuracy": "main table: best mean personalized accuracy per method and setting",
+            "cost": "FLOPs and bytes per round, rounds/FLOPs/bytes to the target accuracy, ratios",
+            "headline": "the paper's claim recomputed", "ablation": "pFedLoRA ablation",
+            "runs.csv": "one row per run: every number the tables use",
+            "accuracy_vs_round": "accuracy vs round per setting",
+            "accuracy_vs_bytes": "accuracy vs cumulative bytes (log x)",
+            "accuracy_vs_flops": "accuracy vs cumulative FLOPs (log x)",
+            "client_accuracy": "final per-client accuracy distribution per method",
+            "runs/": "every run: summary.json, rounds.csv (per evaluated round), run.json (config, key)"}
+    stems = dict.fromkeys(f.rsplit(".", 1)[0] for f in files if f != "README.md")
+    for stem in stems:
+        exts = sorted(f.rsplit(".", 1)[1] for f in files if f.rsplit(".", 1)[0] == stem)
+        lines.append(f"- `{stem}.{{{','.join(exts)}}}`: {desc.get(stem, desc.get(stem + '.csv', ''))}")
+    lines.append(f"- `runs/`: {desc['runs/']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- entry point --------------------------------------------------------------------------------
+def write_report(out: str | Path, target: float | None = None, do_plots: bool = True) -> list[str]:
+    """Write every table, plot and the README into `out`; return the file names written."""
+    res = load(out)
+    out = res.out
+    files: list[str] = []
+
+    def put(name: str, text: str) -> None:
+        if text:
+            atomic_write_text(out / name, text)
+            files.append(name)
+
+    md, tex, csv = accuracy_tables(res)
+    put("accuracy.md", md), put("accuracy.tex", tex), put("accuracy.csv", csv)
+    cmd, ctex, ccsv, cost = cost_tables(res, target)
+    put("cost.md", cmd), put("cost.tex", ctex), put("cost.csv", ccsv)
+    put("headline.md", headline(res, cost))
+    amd, acsv = ablation_tables(res)
+    put("ablation.md", amd), put("ablation.csv", acsv)
+    cols = ["run_id", "group", "setting", "method", "seed", "value", "key", "best_acc", "final_acc",
+            "bytes_up", "bytes_down", "train_flops", "setup_flops", "rounds", "participants",
+            "flops_per_round", "up_per_round", "down_per_round", "wall_seconds"]
+    put("runs.csv", res.runs[cols].to_csv(index=False, float_format="%.6g"))
+    if do_plots:
+        files += plots(res, out)
+    put("README.md", readme(res, files))
+    return files

@@ -1,0 +1,357 @@
+"""Running a suite: cached, resumable, optionally in parallel.
+
+Layout of an output folder:
+  OUT/suite.json, OUT/suite.toml   the plan of the suite last run into OUT (what `report` reads)
+  OUT/runs/METHOD-KEY/             one finished run: summary.json, rounds.csv, run.json
+  OUT/.inflight/METHOD-KEY.PID/    a run in progress (renamed into runs/ when it finishes)
+  OUT/failed/METHOD-KEY.txt        the error of a run that failed (it reruns next time)
+  OUT/bench.json                   the bench sessions that trained something (time, machine)
+
+A run directory appears in runs/ only by an atomic rename of a complete directory, so a suite
+killed at any moment (even kill -9) loses at most the runs in flight, and a report never reads
+a half-written run. Leftover .inflight directories of dead processes are removed at the next
+start.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mhpfl.benchmark.suite import Entry, Suite
+from mhpfl.errors import UserError
+from mhpfl.io import atomic_write_json, atomic_write_text
+
+
+def run_dirname(e: Entry) -> str:
+    return f"{e.method}-{e.key}"
+
+
+def finished(out: Path, e: Entry) -> bool:
+    return (out / "runs" / run_dirname(e) / "summary.json").is_file()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of the package's Python sources: recorded with every run (not part of its key), so
+    a report can tell runs made by different code apart."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "device": device, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---- one run (in this process or a worker) ------------------------------------------------------
+def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) -> dict[str, Any]:
+    """Run one configuration into job['tmp'], then rename it to job['final']."""
+    import torch
+
+    from mhpfl.config import RunConfig
+    from mhpfl.engine import run
+
+    before = torch.get_num_threads()
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    tmp, final = Path(job["tmp"]), Path(job["final"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    idx = job["index"]
+
+    def on_round(row: dict) -> None:
+        if emit is not None:
+            emit(("round", idx, int(row["round"]), float(row["mean_acc"])))
+
+    try:
+        if emit is not None:
+            emit(("start", idx))
+        cfg = RunConfig.from_dict(job["config"])
+        summary = run(cfg, out=tmp, progress=False, on_round=on_round)
+        atomic_write_json(tmp / "run.json", {"key": job["key"], "code": code_fingerprint(),
+                                             "config": job["config"]})
+        if final.exists():  # --force: the old result goes only once the new one is complete
+            trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return {"index": idx, "ok": True, "best": summary["best_mean_acc"],
+                "wall": summary["wall_seconds"]}
+    except UserError as e:
+        return {"index": idx, "ok": False, "error": str(e), "trace": traceback.format_exc()}
+    except Exception as e:  # a method bug must not take the other runs down
+        return {"index": idx, "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(before)
+
+
+def _worker(job: dict[str, Any], queue) -> dict[str, Any]:
+    return execute(job, queue.put)
+
+
+# ---- the suite ----------------------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    total: int
+    cached: int
+    trained: int
+    failed: list[tuple[Entry, str]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+class _Lock:
+    def __init__(self, out: Path):
+        self.f = open(out / ".lock", "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise UserError(f"another 'mhpfl bench' is running into {out}; wait for it or use "
+                            "another --out") from None
+
+    def release(self):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_inflight(out: Path) -> None:
+    d = out / ".inflight"
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        pid = p.name.rsplit(".", 1)[-1]
+        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in (out / "runs").glob(".*.old.*") if (out / "runs").is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_out(out: str | Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror}); choose a writable directory") from None
+    return out
+
+
+def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int = 1,
+              threads: int | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> BenchResult:
+    """Run every run of `suite` not already finished in `out` (all of them with force).
+    `threads`: torch threads per run (default: torch's own with one job, cores // jobs with
+    several; on a machine shared with other work, 1 avoids oversubscription)."""
+    out = prepare_out(out)
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (got {jobs})")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {threads})")
+    lock = _Lock(out)
+    try:
+        _clean_inflight(out)
+        atomic_write_json(out / "suite.json", suite.plan())
+        atomic_write_text(out / "suite.toml", suite.text)
+        runs = suite.runs()
+        todo = [e for e in runs.values() if force or not finished(out, e)]
+        res = BenchResult(total=len(runs), cached=len(runs) - len(todo), trained=0)
+        log(f"suite {suite.name}: {len(runs)} runs, {res.cached} already finished in {out}, "
+            f"{len(todo)} to run" + (f" with {jobs} jobs" if todo and jobs > 1 else ""))
+        for s in suite.settings:
+            if s.skipped:
+                log(f"  setting {s.name}: skipping {', '.join(s.skipped)} (not for the {s.cfg.zoo} zoo)")
+        if not todo:
+            return res
+        t0, started = time.perf_counter(), _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        if threads is None:
+            threads = max(1, _available_cores() // jobs) if jobs > 1 else None
+        pid = os.getpid()
+        jobs_spec = [{"index": i, "key": e.key, "config": e.cfg.to_dict(), "threads": threads,
+                      "tmp": str(out / ".inflight" / f"{run_dirname(e)}.{pid}"),
+                      "final": str(out / "runs" / run_dirname(e))} for i, e in enumerate(todo)]
+        bar = _Progress(todo, enabled=progress, log=log)
+        try:
+            results = _execute_all(jobs_spec, jobs, bar)
+        finally:
+            bar.close()
+        for r in results:
+            e = todo[r["index"]]
+            fail = out / "failed" / f"{run_dirname(e)}.txt"
+            if r["ok"]:
+                res.trained += 1
+                fail.unlink(missing_ok=True)
+            else:
+                res.failed.append((e, r["error"]))
+                atomic_write_text(fail, f"{e.run_id}\n{r['error']}\n\n{r.get('trace', '')}")
+        res.wall_seconds = round(time.perf_counter() - t0, 1)
+        if res.trained:
+            _record_session(out, suite, started, res, jobs, todo[0].cfg.device)
+        return res
+    finally:
+        lock.release()
+
+
+def _record_session(out: Path, suite: Suite, started: str, res: BenchResult, jobs: int, device: str) -> None:
+    import json
+
+    f = out / "bench.json"
+    try:
+        sessions = json.loads(f.read_text())["sessions"] if f.is_file() else []
+    except (ValueError, KeyError):
+        sessions = []
+    sessions.append({"suite": suite.name, "started": started, "wall_seconds": res.wall_seconds,
+                     "runs_trained": res.trained, "runs_failed": len(res.failed), "runs_cached": res.cached,
+                     "jobs": jobs, "code": code_fingerprint(), "machine": machine_info(device)})
+    atomic_write_json(f, {"sessions": sessions})
+
+
+def _execute_all(jobs_spec: list[dict], jobs: int, bar: "_Progress") -> list[dict]:
+    if jobs == 1:
+        results = []
+        for j in jobs_spec:
+            r = execute(j, bar.event)
+            bar.done(r)
+            results.append(r)
+        return results
+    import multiprocessing as mp
+    import queue as _queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")  # fork after torch started its thread pools can deadlock
+    with ctx.Manager() as manager:
+        q = manager.Queue()
+        ex = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+        try:
+            pending = {ex.submit(_worker, j, q) for j in jobs_spec}
+            results = []
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        bar.event(q.get_nowait())
+                    except _queue.Empty:
+                        break
+                for fut in done:
+                    r = fut.result()
+                    bar.done(r)
+                    results.append(r)
+            return sorted(results, key=lambda r: r["index"])
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            ex.shutdown(wait=True)
+
+
+class _Progress:
+    """One bar for the whole suite (work-weighted, with ETA) naming the runs in flight and their
+    round; a line per finished run."""
+
+    def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None]):
+        self.todo, self.log, self.n = todo, log, len(todo)
+        # work of one round ~ the share of the training data that participates in it
+        self.unit = [max(1, round(e.cfg.frac * e.cfg.clients)) / e.cfg.clients * e.cfg.train_fraction
+                     for e in todo]
+        self.seen = [0] * self.n
+        self.active: dict[int, int] = {}
+        self.finished = 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            total = sum(u * e.cfg.rounds for u, e in zip(self.unit, todo))
+            self.bar = tqdm(total=total, bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+                            desc=f"runs 0/{self.n}", dynamic_ncols=True)
+
+    def _name(self, i: int) -> str:
+        e = self.todo[i]
+        extra = "" if e.group == "main" else f" {e.group.split(':', 1)[1]}={e.value}"
+        return f"{e.method}{extra} {e.setting} s{e.seed}"
+
+    def event(self, ev: tuple) -> None:
+        kind, i = ev[0], ev[1]
+        if kind == "start":
+            self.active[i] = 0
+        elif kind == "round":
+            r = ev[2]
+            self.active[i] = r
+            if self.bar is not None and r > self.seen[i]:
+                self.bar.update(self.unit[i] * (r - self.seen[i]))
+                self.seen[i] = r
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.bar is None:
+            return
+        running = "; ".join(f"[{i + 1}/{self.n}] {self._name(i)} round {r}/{self.todo[i].cfg.rounds}"
+                            for i, r in sorted(self.active.items()))
+        self.bar.set_description_str(f"runs {self.finished}/{self.n}", refresh=False)
+        self.bar.set_postfix_str(running, refresh=True)
+
+    def done(self, r: dict) -> None:
+        i = r["index"]
+        self.active.pop(i, None)
+        self.finished += 1
+        e = self.todo[i]
+        if self.bar is not None and e.cfg.rounds > self.seen[i]:
+            self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
+            self.seen[i] = e.cfg.rounds
+        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: best acc {r['best']:.2f}% ({r['wall']:.0f} s)"
+               if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED: {r['error']}")
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            self.log(msg)
+        self._refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

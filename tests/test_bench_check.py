@@ -1,0 +1,86 @@
+"""`mhpfl check`: passes when nothing changed, fails when a method's bytes change or its accuracy
+drops beyond tolerance (even though the method's version, hence its cache key, did not change),
+and refuses a reference made by another suite."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _bench_util import Probe, write_suite
+from conftest import needs_fmnist
+from mhpfl.benchmark.check import run_check
+from mhpfl.benchmark.suite import load_suite
+from mhpfl.cli import main
+from mhpfl.errors import UserError
+from mhpfl.methods import register, unregister
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class MoreBytes(Probe):
+    upload = 11  # one float more per upload: 4 bytes per client per round
+
+
+class Blind(Probe):
+    broken_predict = True  # predicts class 0 only: accuracy collapses
+
+
+@needs_fmnist
+def test_check_passes_then_catches_bytes_and_accuracy(tmp_path, data_root):
+    suite_file = write_suite(tmp_path, data_root, name="mini", methods=("probe",), rounds=1)
+    ref = tmp_path / "reference.json"
+    lines: list[str] = []
+    try:
+        register(type("Same", (Probe,), {}), "probe")
+        suite = load_suite(str(suite_file))
+        assert run_check(suite, ref, update=True, progress=False, log=lines.append) == 0
+        data = json.loads(ref.read_text())
+        assert data["suite"] == "mini" and list(data["runs"]) == ["A|probe|seed0"]
+        assert data["runs"]["A|probe|seed0"]["bytes_up"] == 5 * 10 * 4  # 5 clients, 10 floats
+
+        lines.clear()
+        assert run_check(suite, ref, progress=False, log=lines.append) == 0  # nothing changed
+        assert "check passed" in lines[-1]
+
+        register(MoreBytes, "probe")  # same name, same version: only a real rerun can see it
+        lines.clear()
+        assert run_check(load_suite(str(suite_file)), ref, progress=False, log=lines.append) == 1
+        table = "\n".join(lines)
+        assert "bytes_up" in table and "FAIL: bytes up changed" in table and "+20" in table
+        assert "best_mean_acc" not in table  # accuracy did not move
+        assert "check FAILED" in lines[-1]
+
+        register(Blind, "probe")
+        lines.clear()
+        assert run_check(load_suite(str(suite_file)), ref, progress=False, log=lines.append) == 1
+        table = "\n".join(lines)
+        assert "FAIL: accuracy moved beyond tolerance" in table and "bytes_up" not in table
+        # ... unless the tolerance allows it (per-method tolerances live in the reference)
+        data["tolerance"]["per_method"] = {"probe": 100.0}
+        ref.write_text(json.dumps(data))
+        lines.clear()
+        assert run_check(load_suite(str(suite_file)), ref, progress=False, log=lines.append) == 0
+        assert "within tolerance" in "\n".join(lines)
+    finally:
+        unregister("probe")
+
+
+def test_reference_of_another_suite_is_refused(tmp_path, data_root, capsys):
+    suite_file = write_suite(tmp_path, data_root, name="mini")
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps({"suite": "smoke", "runs": {}}))
+    with pytest.raises(UserError, match="made by suite 'smoke', not 'mini'"):
+        run_check(load_suite(str(suite_file)), ref, progress=False)
+    assert main(["check", "--suite", str(suite_file), "--reference", str(ref)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not 'mini'" in err and "\n" not in err
+    assert main(["check", "--suite", str(suite_file), "--reference", str(tmp_path / "none.json")]) == 2
+    assert "mhpfl check --update" in capsys.readouterr().err

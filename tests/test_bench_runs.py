@@ -1,0 +1,139 @@
+"""`mhpfl bench` and `mhpfl report` end to end on a tiny suite: caching, --force, failures,
+interrupted runs, identical rewrites, bad folders."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from _bench_util import Probe, write_suite
+from conftest import needs_fmnist
+from mhpfl.benchmark.report import write_report
+from mhpfl.benchmark.runner import run_suite
+from mhpfl.benchmark.suite import load_suite
+from mhpfl.cli import main
+from mhpfl.methods import register, unregister
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Crash(Probe):
+    """Fails in round 2, after round 1 wrote its files: an interrupted run."""
+
+    def client_update(self, client, message, phase):
+        if client.cfg.rounds >= 2 and getattr(client, "_seen", 0) >= 1:
+            raise RuntimeError("boom")
+        client._seen = getattr(client, "_seen", 0) + 1
+        return super().client_update(client, message, phase)
+
+
+@needs_fmnist
+def test_bench_caches_resumes_and_reports(tmp_path, data_root, capsys):
+    register(Crash, "crash")
+    try:
+        suite = load_suite(str(write_suite(tmp_path, data_root, methods=("standalone", "crash"),
+                                           extra='[report]\nreference = "crash"\nbaselines = ["standalone"]')))
+        out = tmp_path / "out"
+        # a stale in-flight folder of a dead process (kill -9) is cleaned, never reported
+        stale = out / ".inflight" / "standalone-deadbeef.999999999"
+        stale.mkdir(parents=True)
+        (stale / "summary.json").write_text("{}")
+        res = run_suite(suite, out, progress=False)
+        assert not stale.exists()
+        assert (res.total, res.trained, res.cached) == (2, 1, 0)
+        assert [e.method for e, _ in res.failed] == ["crash"] and "boom" in res.failed[0][1]
+        # the crashed run left nothing a report would read; its error is kept for the user
+        assert not list((out / "runs").glob("crash-*"))
+        assert not any((out / ".inflight").iterdir())
+        assert "boom" in next((out / "failed").glob("crash-*.txt")).read_text()
+        done = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "runs").iterdir()}
+        assert len(done) == 1
+
+        files = write_report(out)
+        for f in ("accuracy.md", "accuracy.csv", "accuracy.tex", "cost.md", "cost.csv", "cost.tex",
+                  "headline.md", "README.md", "accuracy_vs_round.png", "accuracy_vs_bytes.pdf",
+                  "accuracy_vs_flops.png", "client_accuracy.pdf"):
+            assert f in files and (out / f).stat().st_size > 0
+        acc = (out / "accuracy.md").read_text()
+        assert "| crash | not run |" in acc and "Incomplete: 1 planned run" in acc
+        alone = json.loads((out / "runs" / next(iter(done)) / "summary.json").read_text())["best_mean_acc"]
+        assert f"| Standalone | **{alone:.2f}** |" in acc
+        before = {f: (out / f).read_bytes() for f in files if not f.endswith((".png", ".pdf"))}
+
+        # rerun: only the failed run is attempted again; finished runs are untouched
+        unregister("crash")
+        register(type("Fixed", (Probe,), {}), "crash")  # "fixed" (a subclass: register renames)
+        res2 = run_suite(suite, out, progress=False)
+        assert (res2.trained, res2.cached, res2.failed) == (1, 1, [])
+        assert all((out / "runs" / n / "summary.json").stat().st_mtime_ns == t for n, t in done.items())
+        res3 = run_suite(suite, out, progress=False)
+        assert (res3.trained, res3.cached) == (0, 2)  # nothing to train
+
+        # the report is a pure function of the finished runs: identical tables when rewritten
+        write_report(out)
+        first = {f: (out / f).read_bytes() for f in before}
+        write_report(out)
+        assert first == {f: (out / f).read_bytes() for f in before}
+        acc = first["accuracy.md"].decode()
+        assert "Incomplete" not in acc and acc != before["accuracy.md"].decode()
+        s = {p.name.split("-")[0]: json.loads((p / "summary.json").read_text()) for p in (out / "runs").iterdir()}
+        mine, alone = s["crash"]["best_mean_acc"], s["standalone"]["best_mean_acc"]
+        assert f"{mine:.2f}" in acc and f"**{max(mine, alone):.2f}**" in acc
+        assert f"{mine - alone:+.2f} (vs Standalone)" in acc  # the margin row
+        head = first["headline.md"].decode()
+        assert "+1.35" in head and "11.81x" in head and "7.41x" in head and f"{mine - alone:+.2f}" in head
+        cost = first["cost.md"].decode()
+        assert "target accuracy" in cost and "(1.00x)" in cost
+        up = s["crash"]["bytes_up"] / (2 * 5)  # per participating client per round
+        assert f"{up:.3g} B" in cost
+
+        # --force reruns (a suite naming the same standalone run) and gives the same numbers
+        only = load_suite(str(write_suite(tmp_path, data_root, name="only")))
+        res4 = run_suite(only, tmp_path / "out", force=True, progress=False)
+        assert res4.trained == 1
+        new = json.loads((out / "runs" / next(iter(done)) / "summary.json").read_text())
+        assert new["best_mean_acc"] == alone and new["train_flops"] == s["standalone"]["train_flops"]
+        assert (out / "runs" / next(iter(done)) / "summary.json").stat().st_mtime_ns != done[next(iter(done))]
+    finally:
+        unregister("crash")
+
+
+def test_report_on_empty_or_foreign_folder_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no suite.json" in err and "mhpfl bench" in err and "\n" not in err
+    (tmp_path / "suite.json").write_text(json.dumps({"suite": "x", "settings": [], "entries": [], "methods": [],
+                                                     "report": {}}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_second_bench_into_same_folder_is_refused(tmp_path, data_root):
+    import fcntl
+
+    from mhpfl.errors import UserError
+
+    suite = load_suite(str(write_suite(tmp_path, data_root)))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        pid = os.fork()
+        if pid == 0:  # another process tries to run into the locked folder
+            try:
+                run_suite(suite, out, progress=False)
+                os._exit(1)
+            except UserError as e:
+                os._exit(0 if "another 'mhpfl bench'" in str(e) else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
