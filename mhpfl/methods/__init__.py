@@ -17,6 +17,9 @@ BUILTIN: dict[str, str] = {
     "standalone": "mhpfl.methods.standalone:Standalone",
     "fedavg": "mhpfl.methods.fedavg:FedAvg",
     "pfedlora": "mhpfl.methods.pfedlora:PFedLoRA",
+    "fedmd": "mhpfl.methods.fedmd:FedMD",
+    "fedkd": "mhpfl.methods.fedkd:FedKD",
+    "fml": "mhpfl.methods.fml:FML",
 }
 ENTRY_POINT_GROUP = "mhpfl.methods"
 
