@@ -139,15 +139,16 @@ def test_needs_a_public_pool():
 
 @needs_fmnist
 def test_short_real_run_beats_chance(tiny_cfg):
-    cfg = tiny_cfg("fedmd", public_size=500, method_options={"public_subset": 200})
+    cfg = tiny_cfg("fedmd", public_size=200, method_options={
+        "public_subset": 100, "transfer_public_epochs": 2, "transfer_private_epochs": 1})
     rows = []
     s = run(cfg, out=None, progress=False, on_round=rows.append)
     assert s["client_archs"] == ["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"]
     assert s["best_mean_acc"] > 65.0  # K=2 classes per client: chance is ~50%
-    n, sub, c = cfg.clients, 200, 10
+    n, sub, c = cfg.clients, 100, 10
     assert [r["bytes_up"] for r in rows] == [0] + [n * sub * c * 4] * cfg.rounds
     assert [r["bytes_down"] for r in rows] == [0] + [n * (sub * 8 + sub * c * 4)] * cfg.rounds
-    # round 0 is exactly the transfer phase: 5 epochs on the public pool, then 5 on private data
+    # round 0 is exactly the transfer phase: 2 epochs on the public pool, then 1 on private data
     fl = s["flops_per_sample"]
-    expected = sum(3 * fl[a] * 5 * (500 + k) for a, k in zip(s["client_archs"], s["client_train_samples"]))
+    expected = sum(3 * fl[a] * (2 * 200 + k) for a, k in zip(s["client_archs"], s["client_train_samples"]))
     assert rows[0]["train_flops"] == expected
