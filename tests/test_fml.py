@@ -1,7 +1,6 @@
 """FML: wire messages, server rule, the two mutual-learning losses, and a short real run."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
