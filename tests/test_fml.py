@@ -69,12 +69,12 @@ def test_server_averages_memes_weighted_by_samples():
 
 
 def _kl(p_logits, q_logits):  # KL(softmax p || softmax q), mean over rows, by hand
-    p, q = p_logits.softmax(1), q_logits.softmax(1)
+    p, q = p_logits.detach().softmax(1), q_logits.detach().softmax(1)
     return float((p * (p.log() - q.log())).sum(1).mean())
 
 
 def _ce(logits, y):
-    return float(-logits.log_softmax(1)[torch.arange(len(y)), y].mean())
+    return float(-logits.detach().log_softmax(1)[torch.arange(len(y)), y].mean())
 
 
 def test_mutual_losses_alpha_beta_and_detach():
