@@ -25,7 +25,9 @@ RUN_FLAGS = [
     ("--zoo", "zoo", str, "hetero (client i: CNN-((i mod 5)+1)) | homo (all CNN-1)"),
     ("--train-fraction", "train_fraction", float, "seeded fraction of each client's training data kept"),
     ("--val-size", "val_size", int, "training samples held out (validation + public pool)"),
-    ("--public-size", "public_size", int, "held-out samples forming the public pool (FedMD)"),
+    ("--public-size", "public_size", int, "size of the public pool no client owns (FedMD)"),
+    ("--public", "public", str, "public pool: heldout (a slice held out of the training pool) or a "
+                                "dataset name with the same input shape (e.g. cifar10 for cifar100)"),
     ("--seed", "seed", int, "seed of everything random"),
     ("--device", "device", str, "cpu | cuda"),
     ("--eval-every", "eval_every", int, "evaluate all clients every R rounds (and at the end)"),

@@ -28,6 +28,7 @@ class RunConfig:
     train_fraction: float = 1.0
     val_size: int = 10_000
     public_size: int = 5_000
+    public: str = "heldout"  # public pool: a held-out slice of the training pool, or a dataset name
     augment: bool | None = None  # default: the dataset's (on for CIFAR, off for Fashion-MNIST)
     seed: int = 0
     device: str = "cpu"
@@ -59,6 +60,8 @@ class RunConfig:
 
         cls = get_method(self.method)
         info = dataset_info(self.dataset)
+        if self.public != "heldout":
+            dataset_info(self.public)  # unknown names fail here
         checks = [
             (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
             (0 < self.frac <= 1, f"--frac must be in (0, 1] (got {self.frac})"),
@@ -68,8 +71,10 @@ class RunConfig:
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (0 < self.train_fraction <= 1, f"--train-fraction must be in (0, 1] (got {self.train_fraction})"),
             (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
-            (0 <= self.public_size <= self.val_size,
-             f"--public-size ({self.public_size}) must be between 0 and --val-size ({self.val_size})"),
+            (self.public_size >= 0, f"--public-size must be >= 0 (got {self.public_size})"),
+            (self.public != "heldout" or self.public_size <= self.val_size,
+             f"--public-size ({self.public_size}) must not exceed --val-size ({self.val_size}) "
+             "when the public pool is held out of the training pool"),
             (self.zoo in ZOOS, f"unknown zoo '{self.zoo}'; choose one of {', '.join(ZOOS)}"),
         ]
         for ok, msg in checks:

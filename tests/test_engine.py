@@ -83,3 +83,20 @@ def test_bad_settings_are_user_errors(tiny_cfg, kw, msg):
 def test_cuda_without_gpu_is_a_user_error(tiny_cfg):
     with pytest.raises(UserError, match="no CUDA GPU"):
         tiny_cfg("standalone", device="cuda").validate()
+
+
+@needs_fmnist
+def test_public_pool_is_held_out_or_named(tiny_cfg):
+    from mhpfl.datasets import PartitionSpec, federate
+
+    cfg = tiny_cfg("standalone")
+    kw = dict(data_root=cfg.data_root, download=False, train_fraction=0.05)
+    held = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=300, **kw)
+    named = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=300,
+                     public="fmnist", **kw)
+    assert len(held.public) == len(named.public) == 300
+    assert not torch.equal(held.public.x, named.public.x)  # a seeded draw of the named split
+    with pytest.raises(UserError, match="--public cifar10 does not fit fmnist"):
+        federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public="cifar10", **kw)
+    with pytest.raises(UserError, match="unknown dataset"):
+        tiny_cfg("fedmd", public="imagenet").validate()

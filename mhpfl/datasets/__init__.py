@@ -6,7 +6,10 @@ What is used for what (defaults of `mhpfl run`):
 - held-out pool: its first `--public-size` samples (default 5,000) form the *public* pool that
   no client owns (FedMD's public data, see `FederatedData.public`); the rest is split over
   clients with the same shares as validation sets (available to methods, not used for the
-  reported numbers);
+  reported numbers). With `--public DATASET` the public pool is instead `--public-size` samples
+  (seeded) of another dataset's training split with the same input shape (e.g. CIFAR-10 public
+  data for CIFAR-100 clients, as in FedMD's paper); its labels must fit the clients' label
+  space (no more classes), and the whole held-out pool is then validation data;
 - test split: split over clients with the same shares; every reported accuracy is a client's
   personalized model on its own test set.
 """
@@ -70,13 +73,14 @@ class FederatedData:
 def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *,
              data_root: str | None = None, download: bool = True, val_size: int = 10_000,
              public_size: int = 5_000, train_fraction: float = 1.0, augment: bool | None = None,
-             device: str = "cpu") -> FederatedData:
+             device: str = "cpu", public: str = "heldout") -> FederatedData:
     """Load a dataset and split it over `num_clients` clients; tensors go to `device`."""
     ds = load_dataset(name, data_root, download)
     info = ds.info
     aug = info.augment if augment is None else augment
     part = make_partition(ds.train_y.numpy(), ds.test_y.numpy(), info.num_classes, num_clients,
-                          partition, seed, val_size=val_size, public_size=public_size,
+                          partition, seed, val_size=val_size,
+                          public_size=public_size if public == "heldout" else 0,
                           train_fraction=train_fraction)
 
     def split(x, y, idx, train=False):
@@ -86,5 +90,23 @@ def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *
     clients = [ClientData(split(ds.train_x, ds.train_y, c.train, train=True),
                           split(ds.train_x, ds.train_y, c.val),
                           split(ds.test_x, ds.test_y, c.test), c.classes) for c in part.clients]
-    public = split(ds.train_x, ds.train_y, part.public)
-    return FederatedData(info, clients, public, part)
+    if public == "heldout":
+        pub = split(ds.train_x, ds.train_y, part.public)
+    else:
+        pub = _named_public(public, info, public_size, seed, data_root, download, device)
+    return FederatedData(info, clients, pub, part)
+
+
+def _named_public(name: str, info: DatasetInfo, size: int, seed: int, data_root, download, device) -> Split:
+    """`size` seeded samples of another dataset's training split, as a labelled public pool."""
+    from mhpfl.errors import UserError
+    from mhpfl.seeding import np_rng
+
+    other = dataset_info(name)
+    if other.in_shape != info.in_shape or other.num_classes > info.num_classes:
+        raise UserError(f"--public {name} does not fit {info.name}: public data needs the same input "
+                        f"shape ({'x'.join(map(str, info.in_shape))}) and at most {info.num_classes} "
+                        "classes; use --public heldout or another dataset")
+    pds = load_dataset(name, data_root, download)
+    idx = torch.as_tensor(np_rng(seed, "public", name).permutation(len(pds.train_y))[:size], dtype=torch.long)
+    return Split(pds.train_x[idx].to(device), pds.train_y[idx].to(device))

@@ -85,7 +85,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
     data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
                     data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
                     public_size=cfg.public_size, train_fraction=cfg.train_fraction,
-                    augment=cfg.augment, device=cfg.device)
+                    augment=cfg.augment, device=cfg.device, public=cfg.public)
     from mhpfl.engine.meter import FlopMeter
 
     meter = FlopMeter()
