@@ -1,7 +1,8 @@
 """FedMD (Li & Wang 2019, arXiv 1910.03581): model distillation through class scores on public data.
 
 Public data: the labelled public pool that no client owns (`client.public`): by default the
-first 5,000 samples held out of the dataset's training pool (--public-size, a run setting).
+first 5,000 samples held out of the dataset's training pool (run settings --public-size and
+--public heldout|DATASET).
 
 Client k keeps: its heterogeneous model F_k (never sent).
 Before round 1 (transfer learning, once; metered as round 0): train F_k on the labelled public
@@ -31,8 +32,9 @@ Defaults and their sources (official code, diogenes0319/FedMD_clean; docs/source
 - Optimiser: the official code uses Adam (lr 1e-3); the suite's shared SGD (--lr, --momentum,
   --weight-decay) is used for every method here. Transfer-phase batches use --batch-size (the
   official code uses 128 public / 32 private).
-The paper's public set may be a different dataset (e.g. CIFAR-10 public, CIFAR-100 private);
-here it is a held-out slice of the same dataset's training pool.
+The paper's public set may be a different dataset (e.g. CIFAR-10 public, CIFAR-100 private):
+the run setting --public DATASET gives that (a seeded --public-size draw of that dataset's
+training split); the default --public heldout is a slice of the same dataset's training pool.
 """
 from __future__ import annotations
 
