@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +39,35 @@ def strip_timing(summary: dict) -> dict:
     from mhpfl.engine import TIMING_FIELDS
 
     return {k: v for k, v in summary.items() if k not in TIMING_FIELDS}
+
+
+def synthetic_client(method: str, cid: int = 1, arch: str = "cnn3", labels=(2, 7), n: int = 12):
+    """A client with random Fashion-MNIST-shaped inputs and the given label pattern repeated
+    (train = val = test = public), for unit tests of a method's local step."""
+    from mhpfl.datasets import ClientData, Split, dataset_info
+    from mhpfl.engine import Client, FlopMeter
+
+    info = dataset_info("fmnist")
+    g = torch.Generator().manual_seed(cid)
+    y = torch.tensor(labels).repeat(n // len(labels))
+    split = Split(torch.randn(len(y), *info.in_shape, generator=g), y)
+    return Client(cid, arch, ClientData(split, split, split, sorted(set(labels))), split, info,
+                  RunConfig(method=method, download=False), FlopMeter(), method)
+
+
+def synthetic_server(method: str):
+    from mhpfl.datasets import dataset_info
+    from mhpfl.engine import Server
+
+    s = Server(RunConfig(method=method, download=False), dataset_info("fmnist"), 0)
+    s.start_round(1)
+    return s
+
+
+def one_pass_fit(client, record):
+    """Stand-in for client.fit: one loss evaluation over all the data, no step."""
+    def fit(params, loss_fn, **kw):
+        loss = loss_fn(client.data.train.x, client.data.train.y)
+        record.append(loss.detach())
+        return float(loss.detach())
+    return fit

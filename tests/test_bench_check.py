@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from _bench_util import Probe, write_suite
-from conftest import needs_fmnist
+from tests._bench_util import Probe, write_suite
+from tests.conftest import needs_fmnist
 from mhpfl.benchmark.check import run_check
 from mhpfl.benchmark.suite import load_suite
 from mhpfl.cli import main

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from _bench_util import Probe, write_suite
-from conftest import needs_fmnist
+from tests._bench_util import Probe, write_suite
+from tests.conftest import needs_fmnist
 from mhpfl.benchmark.report import write_report
 from mhpfl.benchmark.runner import run_suite
 from mhpfl.benchmark.suite import load_suite

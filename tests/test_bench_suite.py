@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from _bench_util import Probe, write_suite
+from tests._bench_util import Probe, write_suite
 from mhpfl.benchmark.suite import load_suite, run_key, shipped_suites
 from mhpfl.cli import main
 from mhpfl.config import RunConfig

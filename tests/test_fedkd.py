@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import needs_fmnist
+from tests.conftest import needs_fmnist
 from mhpfl.config import RunConfig
 from mhpfl.datasets import ClientData, Split, dataset_info
 from mhpfl.engine import Client, FlopMeter, Server, Upload, message_bytes, run

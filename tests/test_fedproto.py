@@ -3,11 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import needs_fmnist
-from mhpfl.config import RunConfig
-from mhpfl.datasets import ClientData, Split, dataset_info
-from mhpfl.engine import Client, Server, Upload, message_bytes, run
-from mhpfl.engine.meter import FlopMeter
+from tests.conftest import needs_fmnist, one_pass_fit, synthetic_client, synthetic_server
+from mhpfl.datasets import dataset_info
+from mhpfl.engine import Upload, message_bytes, run
 from mhpfl.errors import UserError
 from mhpfl.methods import get_method
 from mhpfl.methods.fedproto import proto_loss
@@ -18,27 +16,11 @@ C = INFO.num_classes
 
 
 def make_client(cid=1, arch="cnn4", labels=(2, 7, 7), n=12):
-    g = torch.Generator().manual_seed(cid)
-    y = torch.tensor(labels).repeat(n // len(labels))  # class 7 twice as frequent as class 2
-    split = Split(torch.randn(len(y), *INFO.in_shape, generator=g), y)
-    conf = RunConfig(method="fedproto", download=False)
-    return Client(cid, arch, ClientData(split, split, split, sorted(set(labels))), split, INFO, conf,
-                  FlopMeter(), "fedproto")
+    return synthetic_client("fedproto", cid, arch, labels, n)
 
 
 def make_server():
-    s = Server(RunConfig(method="fedproto", download=False), INFO, 0)
-    s.start_round(1)
-    return s
-
-
-def one_pass_fit(client, record):
-    """Stand-in for client.fit: one loss evaluation over all the data, no step."""
-    def fit(params, loss_fn, **kw):
-        loss = loss_fn(client.data.train.x, client.data.train.y)
-        record.append(loss.detach())
-        return float(loss.detach())
-    return fit
+    return synthetic_server("fedproto")
 
 
 def class_means(client):

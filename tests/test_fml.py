@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_fmnist
+from tests.conftest import needs_fmnist
 from mhpfl.config import RunConfig
 from mhpfl.datasets import ClientData, Split, dataset_info
 from mhpfl.engine import Client, FlopMeter, Server, Upload, message_bytes, run

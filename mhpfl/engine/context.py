@@ -8,7 +8,7 @@ meter. Methods describe *what* to train and *with which loss*; never how to loop
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
