@@ -16,6 +16,15 @@ needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST absent:
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (bench runs in worker processes would oversubscribe)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> str:
     """One data root for the session (Debian's Fashion-MNIST is staged into it)."""

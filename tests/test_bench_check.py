@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tests._bench_util import Probe, write_suite
 from tests.conftest import needs_fmnist
@@ -17,12 +16,7 @@ from mhpfl.errors import UserError
 from mhpfl.methods import register, unregister
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MoreBytes(Probe):

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from tests._bench_util import Probe, write_suite
 from tests.conftest import needs_fmnist
@@ -17,12 +16,7 @@ from mhpfl.cli import main
 from mhpfl.methods import register, unregister
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Crash(Probe):
