@@ -100,3 +100,16 @@ def test_public_pool_is_held_out_or_named(tiny_cfg):
         federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public="cifar10", **kw)
     with pytest.raises(UserError, match="unknown dataset"):
         tiny_cfg("fedmd", public="imagenet").validate()
+
+
+@pytest.mark.parametrize("method,opts,msg", [
+    ("fedproto", {"weighting": "median"}, "fedproto: --weighting must be one of count, uniform"),
+    ("lgfedavg", {"weighting": "x"}, "lgfedavg: --weighting must be one of samples, uniform"),
+    ("fml", {"meme": "resnet"}, "fml: --meme must be one of cnn1"),
+    ("pfedlora", {"ranks": 4}, "pfedlora has no option ranks"),
+])
+def test_method_options_are_checked_once_for_every_method(method, opts, msg):
+    from mhpfl.methods import get_method
+
+    with pytest.raises(UserError, match=msg):
+        get_method(method)(**opts)

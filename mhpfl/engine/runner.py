@@ -12,7 +12,7 @@ import torch
 from mhpfl.config import RunConfig, library_versions
 from mhpfl.datasets import PartitionSpec, federate
 from mhpfl.engine.context import Client, Server, Upload
-from mhpfl.engine.meter import message_bytes
+from mhpfl.engine.meter import FlopMeter, message_bytes
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
 from mhpfl.methods import Method, get_method
@@ -86,8 +86,6 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
                     data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
                     public_size=cfg.public_size, train_fraction=cfg.train_fraction,
                     augment=cfg.augment, device=cfg.device, public=cfg.public)
-    from mhpfl.engine.meter import FlopMeter
-
     meter = FlopMeter()
     clients = [Client(i, arch, data.clients[i], data.public, data.info, cfg, meter, cls.name)
                for i, arch in enumerate(zoo_archs(cfg.zoo, cfg.clients))]

@@ -58,13 +58,17 @@ class Method(ABC):
     eval_heads: ClassVar[tuple[str, ...]] = ("model",)  # first one is the reported accuracy
 
     def __init__(self, **opts: Any):
+        from mhpfl.errors import UserError
+
         unknown = set(opts) - set(self.options)
         if unknown:
-            from mhpfl.errors import UserError
-
             raise UserError(f"{self.name} has no option {', '.join(sorted(unknown))}; "
                             f"see 'mhpfl run {self.name} --help'")
         self.hp = {k: opts.get(k, o.default) for k, o in self.options.items()}
+        for k, o in self.options.items():
+            if o.choices is not None and self.hp[k] not in o.choices:
+                raise UserError(f"{self.name}: --{k.replace('_', '-')} must be one of "
+                                f"{', '.join(map(str, o.choices))} (got {self.hp[k]})")
         for k, v in self.hp.items():
             setattr(self, k, v)
 

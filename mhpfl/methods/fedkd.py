@@ -148,8 +148,6 @@ class FedKD(Method):
         super().__init__(**opts)
         if not 0 < self.t_start <= 1 or not 0 < self.t_end <= 1:
             raise UserError(f"fedkd: --t-start and --t-end must be in (0, 1] (got {self.t_start}, {self.t_end})")
-        if self.weighting not in ("uniform", "samples"):
-            raise UserError(f"fedkd: --weighting must be uniform or samples (got {self.weighting})")
 
     def energy(self, round_: int, rounds: int) -> float:
         return energy_threshold(round_, rounds, self.t_start, self.t_end)

@@ -86,10 +86,6 @@ class FedProto(Method):
 
     def __init__(self, **opts):
         super().__init__(**opts)
-        for k in ("weighting", "proto_classes", "proto_from"):
-            if getattr(self, k) not in self.options[k].choices:
-                raise UserError(f"fedproto: --{k.replace('_', '-')} must be one of "
-                                f"{', '.join(self.options[k].choices)} (got {getattr(self, k)})")
         if self.ld < 0:
             raise UserError(f"fedproto: --ld must be >= 0 (got {self.ld})")
 

@@ -72,8 +72,6 @@ class LGFedAvg(Method):
 
     def __init__(self, **opts):
         super().__init__(**opts)
-        if self.weighting not in ("samples", "uniform"):
-            raise UserError(f"lgfedavg: --weighting must be samples or uniform (got {self.weighting})")
         if self.warmup_rounds < 0:
             raise UserError(f"lgfedavg: --warmup-rounds must be >= 0 (got {self.warmup_rounds})")
 
