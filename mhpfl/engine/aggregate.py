@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mhpfl.engine.context import Upload
-from mhpfl.methods.base import Message
+from mhpfl.messages import Message, Upload
 
 
 def weighted_average(uploads: list[Upload], keys: list[str] | None = None) -> Message:

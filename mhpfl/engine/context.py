@@ -8,7 +8,6 @@ meter. Methods describe *what* to train and *with which loss*; never how to loop
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -19,18 +18,11 @@ from mhpfl.config import RunConfig
 from mhpfl.datasets import ClientData, DatasetInfo, Split
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import NonFiniteLoss
-from mhpfl.methods.base import Message
+from mhpfl.messages import Message, Upload
 from mhpfl.models import build_model
 from mhpfl.seeding import np_rng, seed_torch, torch_gen
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Upload:
-    cid: int
-    num_samples: int  # the client's training-sample count (metadata, not counted as payload)
-    message: Message
 
 
 class Client:

@@ -14,14 +14,11 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import Mapping
 
 import torch
 from torch import nn
 
-
-def message_bytes(message: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in message.values())
+from mhpfl.messages import message_bytes  # noqa: F401  (re-exported)
 
 
 def forward_flops(module: nn.Module, in_shape: tuple[int, ...]) -> int:

@@ -11,7 +11,8 @@ import torch
 
 from mhpfl.config import RunConfig, library_versions
 from mhpfl.datasets import PartitionSpec, federate
-from mhpfl.engine.context import Client, Server, Upload
+from mhpfl.engine.context import Client, Server
+from mhpfl.messages import Upload
 from mhpfl.engine.meter import FlopMeter, message_bytes
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from mhpfl.engine.context import Client, Server, Upload
+from mhpfl.messages import Message, Upload
 
-Message = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    from mhpfl.engine.context import Client, Server
 
 
 @dataclass(frozen=True)

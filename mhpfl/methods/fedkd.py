@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhpfl.engine.meter import message_bytes
+from mhpfl.messages import message_bytes
 from mhpfl.errors import UserError
 from mhpfl.methods.base import Message, Method, Option
 from mhpfl.models import CNN_SPECS, REP_DIM

@@ -128,7 +128,7 @@ class LGFedAvg(Method):
         if not uploads:
             return
         if self.weighting == "uniform":
-            from mhpfl.engine import Upload
+            from mhpfl.messages import Upload
 
             uploads = [Upload(u.cid, 1, u.message) for u in uploads]
         server.state["global"].update(weighted_average(uploads))
