@@ -30,6 +30,8 @@ RUN_FLAGS = [
                                 "dataset name with the same input shape (e.g. cifar10 for cifar100)"),
     ("--seed", "seed", int, "seed of everything random"),
     ("--device", "device", str, "cpu | cuda"),
+    ("--precision", "precision", str, "fp32 | bf16 (bf16: autocast of forward passes, fp32 weights; "
+                                      "recorded in the summary)"),
     ("--eval-every", "eval_every", int, "evaluate all clients every R rounds (and at the end)"),
     ("--data-root", "data_root", str, "dataset directory (default $MHPFL_DATA or ~/.cache/mhpfl)"),
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 from mhpfl.errors import UserError
 
+PRECISIONS = ("fp32", "bf16")
 PAPER_K = {"fmnist": 2, "cifar10": 2, "cifar100": 10}
 
 
@@ -32,6 +33,7 @@ class RunConfig:
     augment: bool | None = None  # default: the dataset's (on for CIFAR, off for Fashion-MNIST)
     seed: int = 0
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; fp32 weights and optimizer)
     eval_every: int = 1
     data_root: str | None = None
     download: bool = True
@@ -99,6 +101,8 @@ class RunConfig:
                                 "use --device cpu")
         elif self.device != "cpu":
             raise UserError(f"unknown device '{self.device}'; use cpu or cuda")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}'; use {' or '.join(PRECISIONS)}")
         cls(**self.method_options)  # unknown method options fail here
 
 

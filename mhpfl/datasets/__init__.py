@@ -24,8 +24,14 @@ from mhpfl.datasets.augment import augment
 from mhpfl.datasets.loaders import DATASETS, DatasetInfo, dataset_info, default_data_root, load_dataset
 from mhpfl.datasets.partition import Partition, PartitionSpec, make_partition
 
-__all__ = ["DATASETS", "DatasetInfo", "Split", "FederatedData", "PartitionSpec", "Partition",
+__all__ = ["DATASETS", "DatasetInfo", "INFER_BATCH", "Split", "FederatedData", "PartitionSpec", "Partition",
            "dataset_info", "default_data_root", "load_dataset", "make_partition", "federate"]
+
+
+# Batch size of inference passes (evaluation, scores on public data). Measured on one CPU core
+# (CNN zoo, channels-last): 256 is 1.4-1.7x faster than 1024 (activations stay in cache), and
+# no slower than 128. Changing it changes no result beyond float rounding.
+INFER_BATCH = 256
 
 
 @dataclass
@@ -85,7 +91,7 @@ def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *
 
     def split(x, y, idx, train=False):
         i = torch.as_tensor(idx, dtype=torch.long)
-        return Split(x[i].to(device), y[i].to(device), augment=aug and train)
+        return Split(_on_device(x[i], device), y[i].to(device), augment=aug and train)
 
     clients = [ClientData(split(ds.train_x, ds.train_y, c.train, train=True),
                           split(ds.train_x, ds.train_y, c.val),
@@ -109,4 +115,10 @@ def _named_public(name: str, info: DatasetInfo, size: int, seed: int, data_root,
                         "classes; use --public heldout or another dataset")
     pds = load_dataset(name, data_root, download)
     idx = torch.as_tensor(np_rng(seed, "public", name).permutation(len(pds.train_y))[:size], dtype=torch.long)
-    return Split(pds.train_x[idx].to(device), pds.train_y[idx].to(device))
+    return Split(_on_device(pds.train_x[idx], device), pds.train_y[idx].to(device))
+
+
+def _on_device(x: torch.Tensor, device: str) -> torch.Tensor:
+    """Images on the run's device, once (every client's data stays there for the whole run), in
+    the models' channels-last layout so no batch is re-laid-out before its first convolution."""
+    return x.to(device).contiguous(memory_format=torch.channels_last)

