@@ -50,4 +50,4 @@ clean:
 	rm -rf runs .pytest_cache .benchmarks
 
 bench-time: install  ## round-time benchmarks (pytest-benchmark)
-	$(BIN)/python -m pytest -q tests/test_benchmark_round.py --benchmark-enable
+	$(BIN)/python -m pytest -q benchmarks --benchmark-enable

@@ -1,0 +1,58 @@
+"""Round-time benchmarks (pytest-benchmark), run by `make bench-time`, never by `make test`.
+
+One torch thread by default (BENCH_THREADS to change). The machine may be shared and noisy:
+every ratio is measured within one run, the engine's rounds interleaved with the floor's replays.
+At the end a table prints each method's s/round, its floor, the ratio and effective FLOP/s,
+with the core's measured peak fp32 rate.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+torch.set_num_threads(THREADS)
+RESULTS: list[dict] = []  # filled by the tests, printed at the end
+PEAK: dict[str, float] = {}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str | None:
+    """The user's data root (default ~/.cache/mhpfl): its decoded-dataset cache is part of what
+    start-up is measured with."""
+    return os.environ.get("MHPFL_DATA")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS and not PEAK:
+        return
+    w = terminalreporter.write_line
+    w("")
+    w(f"== round time vs floor: {cpu_model()}, {THREADS} thread(s), torch {torch.__version__} ==")
+    if "peak" in PEAK:
+        w(f"peak fp32 (matmul): {PEAK['peak'] / 1e9:.1f} GFLOP/s")
+    if "startup" in PEAK:
+        w(f"start-up (process start -> first round, incl. the round-0 evaluation): {PEAK['startup']:.2f} s")
+    if RESULTS:
+        w(f"{'method':<12}{'s/round':>9}{'floor':>9}{'ratio':>7}{'GFLOP/s':>9}{'floor train':>13}"
+          f"{'floor eval':>12}{'% peak':>8}")
+        for r in RESULTS:
+            pk = f"{100 * r['gflops'] * 1e9 / PEAK['peak']:.0f}" if "peak" in PEAK else "-"
+            w(f"{r['method']:<12}{r['engine_s']:>9.3f}{r['floor_s']:>9.3f}{r['ratio']:>7.2f}{r['gflops']:>9.1f}"
+              f"{r['floor_train_gflops']:>13.1f}{r['floor_eval_gflops']:>12.1f}{pk:>8}")
+        w("GFLOP/s: 2 FLOPs per multiply-add, the round's metered passes (training x3, inference and "
+          "evaluation x1) over the engine's round time; floor train/eval: the floor's rate on each kind of pass.")

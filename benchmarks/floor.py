@@ -1,0 +1,144 @@
+"""The floor of a round: exactly the passes an engine round ran, replayed with no framework.
+
+`Tracer` records every forward pass of every module a client registered with `client.track`
+during one round of a real run (input batch shape, whether it trains and which parameters are
+trainable, its metered FLOPs), so the floor does exactly that round's work: the same models, the
+same number of SGD steps at the same batch sizes, the same inference passes (public scores,
+validation and test evaluation) and any extra work a method does by design (FedMD's public
+passes, FedKD's mentee). `replay` runs those passes as a bare PyTorch loop: a training pass is
+forward + a scalar loss + backward + gradient clipping + an SGD step on the recorded trainable
+parameters; an inference pass is a forward pass in inference mode. Inputs are random tensors of
+the recorded shapes, gathered by a random index for training batches as the engine does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mhpfl.engine.meter import FlopMeter
+
+
+@dataclass
+class Pass:
+    module: nn.Module
+    shape: tuple[int, ...]  # input batch shape
+    train: bool
+    trainable: tuple[nn.Parameter, ...]
+    flops: int  # metered FLOPs of the pass (multiply-adds; x3 for a training pass)
+
+
+class Tracer:
+    """Patches FlopMeter.track so every tracked module also reports its forward passes here."""
+
+    def __init__(self):
+        self.passes: list[Pass] = []
+        self.recording = False
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._orig = FlopMeter.track
+
+    def __enter__(self) -> "Tracer":
+        tracer, orig = self, self._orig
+
+        def track(meter, module, in_shape, label):
+            out = orig(meter, module, in_shape, label)
+            per_sample = meter.per_sample[label]
+
+            def hook(mod, args, output):
+                if tracer.recording and args and torch.is_tensor(args[0]):
+                    grad = torch.is_grad_enabled()
+                    tracer.passes.append(Pass(mod, tuple(args[0].shape), grad,
+                                              tuple(p for p in mod.parameters() if p.requires_grad) if grad else (),
+                                              per_sample * args[0].shape[0] * (3 if grad else 1)))
+
+            old = tracer._handles.pop(id(module), None)
+            if old is not None:
+                old.remove()
+            tracer._handles[id(module)] = module.register_forward_hook(hook)
+            return out
+
+        FlopMeter.track = track
+        return self
+
+    def __exit__(self, *exc) -> None:
+        FlopMeter.track = self._orig
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+
+
+class Floor:
+    """The recorded passes, ready to replay (inputs and optimizers built outside the timing)."""
+
+    def __init__(self, passes: list[Pass], lr: float, momentum: float, weight_decay: float,
+                 grad_clip: float, device: str = "cpu", seed: int = 0):
+        self.passes, self.grad_clip = passes, grad_clip
+        g = torch.Generator().manual_seed(seed)
+        biggest: dict[tuple, int] = {}
+        for p in passes:
+            biggest[p.shape[1:]] = max(biggest.get(p.shape[1:], 0), p.shape[0])
+        self.pools = {s: torch.randn(2 * n, *s, generator=g).to(device).contiguous(
+            memory_format=torch.channels_last if len(s) == 3 else torch.contiguous_format)
+            for s, n in biggest.items()}
+        self.index = [torch.randperm(len(self.pools[p.shape[1:]]), generator=g)[:p.shape[0]].to(device)
+                      if p.train else None for p in passes]
+        self.opts: dict[tuple, torch.optim.Optimizer] = {}
+        for p in passes:
+            key = tuple(id(q) for q in p.trainable)
+            if p.train and key and key not in self.opts:
+                self.opts[key] = torch.optim.SGD(p.trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    @property
+    def flops(self) -> int:
+        return sum(p.flops for p in self.passes)
+
+    @property
+    def steps(self) -> int:
+        return sum(p.train for p in self.passes)
+
+    def replay(self, train: bool | None = None) -> float:
+        """Run the round's passes once (only the training or only the inference passes with
+        `train` True/False); returns the seconds taken."""
+        t0 = time.perf_counter()
+        for p, idx in zip(self.passes, self.index):
+            if train is not None and p.train != train:
+                continue
+            pool = self.pools[p.shape[1:]]
+            if p.train:
+                ids = {id(q) for q in p.trainable}
+                for q in p.module.parameters():
+                    q.requires_grad_(id(q) in ids)
+                p.module.train()
+                out = p.module.forward(pool[idx])
+                out = out[0] if isinstance(out, tuple) else out
+                loss = out.float().logsumexp(1).mean()  # a scalar that every output feeds
+                opt = self.opts.get(tuple(id(q) for q in p.trainable))
+                if opt is None:  # nothing trainable: backward through the frozen module only
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip:
+                    nn.utils.clip_grad_norm_(p.trainable, self.grad_clip)
+                opt.step()
+            else:
+                p.module.eval()
+                with torch.inference_mode():
+                    p.module.forward(pool[:p.shape[0]])
+        return time.perf_counter() - t0
+
+
+def peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """The core's measured fp32 rate: FLOP/s (2 per multiply-add) of an n x n matmul, best of
+    `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

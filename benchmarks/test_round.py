@@ -1,0 +1,99 @@
+"""One round of the quick suite's N10 setting (evaluation every round) through mhpfl's engine,
+for each method, against its floor (benchmarks/floor.py); the core's peak; start-up."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from benchmarks.conftest import PEAK, RESULTS
+from benchmarks.floor import Floor, Tracer, peak_flops
+from mhpfl.benchmark.suite import load_suite
+from mhpfl.engine import run
+
+ROUNDS = 4  # round 1 is traced; rounds 2..4 are timed, the floor is replayed after each round
+SETTING = "N10-C100"
+
+
+def n10_configs(data_root):
+    over = {"eval_every": 1, "rounds": ROUNDS, **({"data_root": data_root} if data_root else {})}
+    suite = load_suite("quick", overrides=over, only_available=True)
+    return {e.method: e.cfg for e in suite.entries
+            if e.group == "main" and e.setting == SETTING and e.seed == suite.entries[0].seed}
+
+
+METHODS = list(n10_configs(None))
+
+
+def measure(cfg) -> dict:
+    """Engine rounds 2..R and floor replays interleaved in one run (a noisy machine slows both)."""
+    engine, floor_train, floor_eval = [], [], []
+    state: dict = {"floor": None, "start": None}
+
+    with Tracer() as tracer:
+        def on_round(row):
+            now = time.perf_counter()
+            r = int(row["round"])
+            if r >= 2:
+                engine.append(now - state["start"])
+            if r == 0:
+                tracer.recording = True
+            elif r == 1:
+                tracer.recording = False
+                state["floor"] = Floor(tracer.passes, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip,
+                                       cfg.device)
+            if state["floor"] is not None:
+                floor_train.append(state["floor"].replay(train=True))
+                floor_eval.append(state["floor"].replay(train=False))
+            state["start"] = time.perf_counter()
+
+        run(cfg, progress=False, on_round=on_round)
+    fl = state["floor"]
+    train_flops = sum(p.flops for p in fl.passes if p.train)
+    eval_flops = fl.flops - train_flops
+    t_engine = statistics.median(engine)
+    t_floor = statistics.median(t + e for t, e in zip(floor_train, floor_eval))
+    return {"method": cfg.method, "engine_s": t_engine, "floor_s": t_floor, "ratio": t_engine / t_floor,
+            "gflops": 2 * fl.flops / t_engine / 1e9, "steps": fl.steps,
+            "floor_train_gflops": 2 * train_flops / statistics.median(floor_train) / 1e9,
+            "floor_eval_gflops": 2 * eval_flops / statistics.median(floor_eval) / 1e9 if eval_flops else 0.0}
+
+
+def test_peak_fp32(benchmark):
+    PEAK["peak"] = benchmark.pedantic(peak_flops, rounds=1, iterations=1)
+    assert PEAK["peak"] > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_vs_floor(benchmark, data_root, method):
+    cfg = n10_configs(data_root)[method]
+    res = benchmark.pedantic(measure, args=(cfg,), rounds=1, iterations=1)
+    benchmark.extra_info.update(res)
+    RESULTS.append(res)
+    assert res["steps"] > 0 and res["floor_s"] > 0
+
+
+def test_startup(benchmark, data_root):
+    """Process start to the end of round 0 (imports, data, models, FLOP analysis, the round-0
+    evaluation) of `mhpfl run standalone` on the N10 setting, data cache warm."""
+    root = f", data_root={data_root!r}" if data_root else ""
+    code = ("from mhpfl.config import RunConfig\nfrom mhpfl.engine import run\n"
+            f"cfg = RunConfig(method='standalone', clients=10, train_fraction=0.1, rounds=1, download=False{root})\n"
+            "def stop(row):\n    raise SystemExit(0)\n"
+            "run(cfg, progress=False, on_round=stop)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)  # warms the dataset cache
+
+    def once():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+        return time.perf_counter() - t0
+
+    times = benchmark.pedantic(lambda: [once() for _ in range(3)], rounds=1, iterations=1)
+    PEAK["startup"] = min(times)
+    assert PEAK["startup"] > 0
