@@ -17,6 +17,7 @@ from mhpfl.config import RunConfig
 from mhpfl.datasets import INFER_BATCH, ClientData, DatasetInfo, Split
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import NonFiniteLoss
+from mhpfl.lean import SGD
 from mhpfl.messages import Message, Upload
 from mhpfl.models import build_model
 from mhpfl.seeding import np_rng, seed_torch, torch_gen
@@ -93,7 +94,7 @@ class Client:
         cfg = self.cfg
         data = self.data.train if data is None else data
         epochs = cfg.local_epochs if epochs is None else epochs
-        opt = torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+        opt = SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         for m in self.modules:
             m.train()

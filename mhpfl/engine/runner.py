@@ -18,7 +18,8 @@ from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
 from mhpfl.methods import Method, get_method
 from mhpfl.models import zoo_archs
-from mhpfl.seeding import deterministic_algorithms, np_rng
+from mhpfl.lean import lean_startup
+from mhpfl.seeding import np_rng
 
 TIMING_FIELDS = ("wall_seconds",)
 ROUND_COLUMNS = ["round", "mean_acc", "min_acc", "max_acc", "std_acc", "bytes_up", "bytes_down",
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
     t0 = time.perf_counter()
     cls = get_method(cfg.method)
     method = cls(**cfg.method_options)
-    deterministic_algorithms(cfg.device)
+    lean_startup(cfg.device)
     data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
                     data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
                     public_size=cfg.public_size, train_fraction=cfg.train_fraction,

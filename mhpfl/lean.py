@@ -1,0 +1,64 @@
+"""Start-up without what only torch.compile needs.
+
+Three things in torch import torch._dynamo (and with it much of torch._inductor) although an
+eager run never uses it: `torch.use_deterministic_algorithms` (to set an inductor flag), the
+first call of torch.optim.Optimizer's add_param_group/zero_grad/state_dict (wrapped by
+`torch._disable_dynamo`, which imports dynamo on first call only to mark them not compilable)
+and every optimizer step (`_use_grad_for_differentiable` imports dynamo for a graph break).
+That import costs 1-2 s on an idle core and 2-6 s on a loaded 2-core machine, more than the
+rest of a run's start-up. All three are skipped here while torch._dynamo is not loaded; the
+arithmetic is torch's own (tests/test_speed.py checks SGD bit for bit).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def deterministic_algorithms(device: str = "cpu") -> None:
+    """`torch.use_deterministic_algorithms(True, warn_only=True)` without importing
+    torch._inductor to set `torch._inductor.config.deterministic` (used by torch.compile only):
+    the same C++ switch is flipped directly. On CUDA, cuBLAS also needs a fixed workspace for
+    reproducible matmuls."""
+    if str(device).startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    switch = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if "torch._inductor" in sys.modules or switch is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        switch(True, warn_only=True)
+
+
+def eager_optimizers() -> None:
+    """Pre-fill the cache of torch._disable_dynamo's wrappers on torch.optim.Optimizer with the
+    plain methods, so creating an optimizer does not import torch._dynamo. Outside
+    torch.compile the wrapper's only effect is that import; no-op once dynamo is loaded."""
+    if "torch._dynamo" in sys.modules:
+        return
+    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict",
+                 "_cuda_graph_capture_health_check"):
+        inner = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+        if inner is not None and getattr(inner, "__dynamo_disable", None) is None:
+            inner.__dynamo_disable = inner
+
+
+class SGD(torch.optim.SGD):
+    """torch.optim.SGD, whose step() runs torch's own update under no_grad without the
+    `import torch._dynamo` + graph break that torch's step wrapper adds for torch.compile (a
+    no-op in eager mode). Falls back to torch's step if its layout changes."""
+
+    _raw_step = getattr(torch.optim.SGD.step, "__wrapped__", None)
+
+    def step(self, closure=None):
+        if self._raw_step is None or self.defaults.get("differentiable") or "torch._dynamo" in sys.modules:
+            return super().step(closure)
+        with torch.no_grad():
+            return self._raw_step(closure)
+
+
+def lean_startup(device: str = "cpu") -> None:
+    """What `run` calls first: deterministic mode, optimizers without the dynamo import."""
+    deterministic_algorithms(device)
+    eager_optimizers()

@@ -1,0 +1,162 @@
+"""The speed work's logic, on CPU: per-epoch non-finite check, bf16 autocast, the evaluation
+helper, channels-last models, the dataset cache, deterministic mode without torch._inductor."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mhpfl.config import RunConfig
+from mhpfl.datasets import Split
+from mhpfl.errors import NonFiniteLoss, UserError
+from mhpfl.models import build_model
+from tests.conftest import needs_fmnist, synthetic_client
+
+
+def test_non_finite_loss_stops_after_the_epoch_with_client_and_round():
+    """No host sync per step: the loss is checked once per epoch, the error still names the
+    method, client and round, and the next epoch never starts."""
+    c = synthetic_client("standalone", cid=3, n=40)
+    c.start_update(7, "train")
+    calls = []
+
+    def loss_fn(x, y):
+        calls.append(1)
+        loss = F.cross_entropy(c.model(x), y)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    with pytest.raises(NonFiniteLoss, match=r"standalone: loss became nan on client 3 in round 7") as e:
+        c.fit(c.model.parameters(), loss_fn, epochs=3, batch_size=8)
+    assert (e.value.client, e.value.round) == (3, 7)
+    assert len(calls) == 5  # the whole first epoch (40 / 8 batches), not the next two
+
+
+def test_finite_fit_returns_the_mean_loss():
+    c = synthetic_client("standalone", n=16)
+    seen = []
+
+    def loss_fn(x, y):
+        loss = F.cross_entropy(c.model(x), y)
+        seen.append(float(loss))
+        return loss
+
+    mean = c.fit(c.model.parameters(), loss_fn, epochs=2, batch_size=8)
+    assert mean == pytest.approx(sum(seen) / len(seen), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_autocasts_forward_passes_only(precision, dtype):
+    c = synthetic_client("standalone", n=8)
+    c.cfg.precision = precision
+    dtypes = []
+
+    def loss_fn(x, y):
+        out = c.model(x)
+        dtypes.append(out.dtype)
+        return F.cross_entropy(out, y)
+
+    c.fit(c.model.parameters(), loss_fn, batch_size=8)
+    assert dtypes == [dtype]
+    assert all(p.dtype == torch.float32 for p in c.model.parameters())  # fp32 master weights
+    assert c.infer(c.model, c.data.train).dtype == torch.float32
+
+
+def test_unknown_precision_is_a_user_error():
+    with pytest.raises(UserError, match="unknown precision 'fp16'; use fp32 or bf16"):
+        RunConfig(method="standalone", precision="fp16", download=False).validate()
+    assert RunConfig(method="standalone").to_dict()["precision"] == "fp32"  # recorded in summaries
+
+
+def test_accuracy_counts_in_inference_mode_over_all_batches():
+    c = synthetic_client("standalone", n=12)
+    x = torch.randn(600, 1, 28, 28)
+    y = torch.arange(600) % 10
+    split = Split(x, y)
+    modes = []
+
+    def predict(xb):
+        modes.append((torch.is_inference_mode_enabled(), c.model.training))
+        return F.one_hot(torch.where(torch.arange(len(xb)) % 2 == 0, 3, 4), 10).float()
+
+    c.model.train()
+    acc = c.accuracy(predict, split)
+    expected = 100.0 * sum(int(l) == (3 if i % 256 % 2 == 0 else 4) for i, l in enumerate(y)) / 600
+    assert acc == pytest.approx(expected)
+    assert len(modes) == 3 and all(m == (True, False) for m in modes)  # batches of 256
+
+
+def test_models_are_channels_last_and_compute_the_same_function():
+    m = build_model("cnn1", (3, 32, 32), 10)
+    assert m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    ref = build_model("cnn1", (3, 32, 32), 10).to(memory_format=torch.contiguous_format)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_fmnist
+def test_dataset_cache_is_bitwise_and_survives_corruption(tmp_path, monkeypatch):
+    from mhpfl.datasets import loaders
+
+    root = tmp_path / "data"
+    loaders.load_dataset.cache_clear()
+    first = loaders.load_dataset("fmnist", str(root), False)
+    path = loaders.cache_path(root, first.info)
+    assert path.exists()
+    loaders.load_dataset.cache_clear()
+    monkeypatch.setattr(loaders, "_decode", lambda *a: pytest.fail("decoded although cached"))
+    cached = loaders.load_dataset("fmnist", str(root), False)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(first, k), getattr(cached, k))
+    monkeypatch.undo()
+    path.write_bytes(b"truncated")
+    loaders.load_dataset.cache_clear()
+    again = loaders.load_dataset("fmnist", str(root), False)
+    assert torch.equal(again.test_x, first.test_x)
+    loaders.load_dataset.cache_clear()
+
+
+@needs_fmnist
+def test_runs_are_deterministic_without_importing_inductor(data_root):
+    """Deterministic mode is on (warn-only, as before) but start-up no longer pays for
+    torch._inductor/_dynamo; two seeded runs in fresh processes give the same summary."""
+    code = f"""
+import json, sys, torch
+from mhpfl.config import RunConfig
+from mhpfl.engine import run
+cfg = RunConfig(method="standalone", clients=5, rounds=1, train_fraction=0.05, batch_size=32,
+                data_root={data_root!r}, download=False)
+s = run(cfg, progress=False)
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "inductor imported"
+s.pop("wall_seconds")
+print(json.dumps(s, sort_keys=True))
+"""
+    from mhpfl.datasets import load_dataset
+
+    load_dataset("fmnist", data_root, False)  # the decoded-dataset cache is warm (torchvision not needed)
+    procs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(2)]
+    assert procs[0].returncode == 0, procs[0].stderr[-2000:]
+    assert procs[0].stdout == procs[1].stdout and "per_client_final_acc" in procs[0].stdout
+
+
+def test_lean_sgd_is_torch_sgd_bit_for_bit():
+    from mhpfl.lean import SGD
+
+    torch.manual_seed(0)
+    a = build_model("cnn3", (1, 28, 28), 10)
+    b = build_model("cnn3", (1, 28, 28), 10)
+    b.load_state_dict(a.state_dict())
+    opts = [SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+            torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)]
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    for _ in range(3):
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
