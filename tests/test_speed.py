@@ -160,3 +160,33 @@ def test_lean_sgd_is_torch_sgd_bit_for_bit():
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("cores,todo,jobs,threads,expected", [
+    (2, 38, None, None, (2, 1)),   # default: one process per core, one thread each
+    (16, 3, None, None, (3, 5)),   # never more processes than runs to do
+    (2, 38, 1, None, (1, 2)),      # one job uses every core
+    (2, 38, 2, 4, (2, 1)),         # jobs x threads capped at the cores
+    (8, 38, 2, 2, (2, 2)),
+])
+def test_workers_never_oversubscribe(cores, todo, jobs, threads, expected):
+    from mhpfl.benchmark.runner import plan_workers
+
+    assert plan_workers(cores, todo, jobs, threads) == expected
+    j, t = expected
+    assert j * t <= cores
+
+
+def test_progress_eta_from_work_done():
+    from types import SimpleNamespace
+
+    from mhpfl.benchmark.runner import _clock, _Progress
+
+    cfg = SimpleNamespace(frac=1.0, clients=10, train_fraction=0.1, rounds=10)
+    todo = [SimpleNamespace(cfg=cfg, group="main", method="m", setting="s", seed=0, value=None)] * 4
+    p = _Progress(todo, enabled=False, log=lambda m: None)
+    assert p.eta() is None
+    p.t0 -= 30.0  # 30 s spent on one run of four equal ones
+    p.event(("round", 0, 10))
+    assert p.eta() == pytest.approx(90.0, rel=0.05)
+    assert _clock(90) == "1m30s" and _clock(3 * 3600 + 60) == "3h01m"

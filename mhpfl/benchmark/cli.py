@@ -11,11 +11,12 @@ from mhpfl.errors import UserError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda: device of every run (default: the suite's, cpu)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs in parallel (processes; each gets cores/J torch threads; default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel (processes; default: one per available core, at most the "
+                        "runs to do; each gets cores/J torch threads)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (default: torch's choice with --jobs 1, else cores/J); "
-                        "1 on a machine shared with other work")
+                   help="torch threads per run (default: cores/J; capped so jobs x threads never "
+                        "exceeds the cores); 1 on a machine shared with other work")
     p.add_argument("--data-root", default=None, help="dataset directory (default $MHPFL_DATA or ~/.cache/mhpfl)")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

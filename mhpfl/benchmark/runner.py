@@ -184,14 +184,23 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
-def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int = 1,
+def plan_workers(cores: int, todo: int, jobs: int | None, threads: int | None) -> tuple[int, int]:
+    """(processes, torch threads each): by default one process per core (at most one per run
+    to do) with cores // jobs threads; jobs x threads is capped at the cores (no
+    oversubscription: with more threads than cores, each run is slower than alone)."""
+    jobs = max(1, min(cores, todo)) if jobs is None else jobs
+    cap = max(1, cores // jobs)
+    return jobs, cap if threads is None else min(threads, cap)
+
+
+def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int | None = None,
               threads: int | None = None, progress: bool = True,
               log: Callable[[str], None] = print) -> BenchResult:
     """Run every run of `suite` not already finished in `out` (all of them with force).
-    `threads`: torch threads per run (default: torch's own with one job, cores // jobs with
-    several; on a machine shared with other work, 1 avoids oversubscription)."""
+    `jobs`: processes (default: one per available core, see plan_workers); `threads`: torch
+    threads per run (default cores // jobs, never more)."""
     out = prepare_out(out)
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1 (got {threads})")
@@ -202,6 +211,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int =
         atomic_write_text(out / "suite.toml", suite.text)
         runs = suite.runs()
         todo = [e for e in runs.values() if force or not finished(out, e)]
+        jobs, threads = plan_workers(_available_cores(), len(todo), jobs, threads)
         res = BenchResult(total=len(runs), cached=len(runs) - len(todo), trained=0)
         log(f"suite {suite.name}: {len(runs)} runs, {res.cached} already finished in {out}, "
             f"{len(todo)} to run" + (f" with {jobs} jobs" if todo and jobs > 1 else ""))
@@ -211,8 +221,6 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int =
         if not todo:
             return res
         t0, started = time.perf_counter(), _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        if threads is None:
-            threads = max(1, _available_cores() // jobs) if jobs > 1 else None
         pid = os.getpid()
         jobs_spec = [{"index": i, "key": e.key, "config": e.cfg.to_dict(), "threads": threads,
                       "tmp": str(out / ".inflight" / f"{run_dirname(e)}.{pid}"),
@@ -291,12 +299,18 @@ def _execute_all(jobs_spec: list[dict], jobs: int, bar: "_Progress") -> list[dic
             ex.shutdown(wait=True)
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 class _Progress:
     """One bar for the whole suite (work-weighted, with ETA) naming the runs in flight and their
     round; a line per finished run."""
 
     def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None]):
         self.todo, self.log, self.n = todo, log, len(todo)
+        self.t0 = time.perf_counter()
         # work of one round ~ the share of the training data that participates in it
         self.unit = [max(1, round(e.cfg.frac * e.cfg.clients)) / e.cfg.clients * e.cfg.train_fraction
                      for e in todo]
@@ -311,6 +325,14 @@ class _Progress:
             self.bar = tqdm(total=total, bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
                             desc=f"runs 0/{self.n}", dynamic_ncols=True)
 
+    def eta(self) -> float | None:
+        """Seconds left: elapsed time x work left / work done (work: rounds x participating data)."""
+        done = sum(u * s for u, s in zip(self.unit, self.seen))
+        left = sum(u * e.cfg.rounds for u, e in zip(self.unit, self.todo)) - done
+        if done <= 0 or self.finished >= self.n:
+            return None
+        return (time.perf_counter() - self.t0) * left / done
+
     def _name(self, i: int) -> str:
         e = self.todo[i]
         extra = "" if e.group == "main" else f" {e.group.split(':', 1)[1]}={e.value}"
@@ -323,8 +345,9 @@ class _Progress:
         elif kind == "round":
             r = ev[2]
             self.active[i] = r
-            if self.bar is not None and r > self.seen[i]:
-                self.bar.update(self.unit[i] * (r - self.seen[i]))
+            if r > self.seen[i]:
+                if self.bar is not None:
+                    self.bar.update(self.unit[i] * (r - self.seen[i]))
                 self.seen[i] = r
         self._refresh()
 
@@ -341,11 +364,15 @@ class _Progress:
         self.active.pop(i, None)
         self.finished += 1
         e = self.todo[i]
-        if self.bar is not None and e.cfg.rounds > self.seen[i]:
-            self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
+        if e.cfg.rounds > self.seen[i]:
+            if self.bar is not None:
+                self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
             self.seen[i] = e.cfg.rounds
         msg = (f"[{self.finished}/{self.n}] {self._name(i)}: best acc {r['best']:.2f}% ({r['wall']:.0f} s)"
                if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED: {r['error']}")
+        eta = self.eta()
+        if eta is not None:
+            msg += f"; ETA {_clock(eta)}"
         if self.bar is not None:
             self.bar.write(msg)
         else:
