@@ -12,6 +12,7 @@ the recorded shapes, gathered by a random index for training batches as the engi
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -74,7 +75,9 @@ class Floor:
 
     def __init__(self, passes: list[Pass], lr: float, momentum: float, weight_decay: float,
                  grad_clip: float, device: str = "cpu", seed: int = 0):
-        self.passes, self.grad_clip = passes, grad_clip
+        self.grad_clip = grad_clip
+        self.passes = _on_copies(passes)  # the replay must not move the run's own models
+        passes = self.passes
         g = torch.Generator().manual_seed(seed)
         biggest: dict[tuple, int] = {}
         for p in passes:
@@ -127,6 +130,19 @@ class Floor:
                 with torch.inference_mode():
                     p.module.forward(pool[:p.shape[0]])
         return time.perf_counter() - t0
+
+
+def _on_copies(passes: list[Pass]) -> list[Pass]:
+    """The same passes on deep copies of their modules (trainable parameters mapped)."""
+    clones: dict[int, nn.Module] = {}
+    params: dict[int, nn.Parameter] = {}
+    for p in passes:
+        if id(p.module) not in clones:
+            clone = copy.deepcopy(p.module)
+            clones[id(p.module)] = clone
+            params.update({id(a): b for a, b in zip(p.module.parameters(), clone.parameters())})
+    return [Pass(clones[id(p.module)], p.shape, p.train, tuple(params[id(q)] for q in p.trainable), p.flops)
+            for p in passes]
 
 
 def peak_flops(n: int = 1024, repeats: int = 5) -> float:
