@@ -2,8 +2,9 @@
 
 The training helper `Client.fit` is the one training loop of the suite: it builds the
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
-that is not being trained, clips gradients, stops on a non-finite loss and runs under the FLOP
-meter. Methods describe *what* to train and *with which loss*; never how to loop.
+that is not being trained, clips gradients, stops on a non-finite loss (checked once per epoch:
+no host sync per step), autocasts to the run's --precision and runs under the FLOP meter.
+Evaluation goes through `Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods describe *what* to train and *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ class Client:
         data = self.data.train if data is None else data
         epochs = cfg.local_epochs if epochs is None else epochs
         opt = SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
+                  weight_decay=cfg.weight_decay)
         for m in self.modules:
             m.train()
         losses: list[torch.Tensor] = []
