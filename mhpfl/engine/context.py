@@ -4,7 +4,8 @@ The training helper `Client.fit` is the one training loop of the suite: it build
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
 that is not being trained, clips gradients, stops on a non-finite loss (checked once per epoch:
 no host sync per step), autocasts to the run's --precision and runs under the FLOP meter.
-Evaluation goes through `Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods describe *what* to train and *with which loss*; never how to loop.
+Evaluation goes through `Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods
+describe *what* to train and *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
