@@ -190,3 +190,11 @@ def test_progress_eta_from_work_done():
     p.event(("round", 0, 10))
     assert p.eta() == pytest.approx(90.0, rel=0.05)
     assert _clock(90) == "1m30s" and _clock(3 * 3600 + 60) == "3h01m"
+
+
+def test_precision_enters_the_run_key_only_when_not_the_default():
+    from mhpfl.benchmark.suite import run_key
+
+    base = RunConfig(method="standalone", download=False)
+    assert run_key(base) == run_key(RunConfig(method="standalone", download=False, precision="fp32"))
+    assert run_key(base) != run_key(RunConfig(method="standalone", download=False, precision="bf16"))

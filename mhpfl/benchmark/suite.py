@@ -268,6 +268,8 @@ def run_key(cfg: RunConfig) -> str:
     d = cfg.to_dict()
     for k in KEY_EXCLUDED:
         d.pop(k, None)
+    if d.get("precision") == "fp32":  # the default: keys of runs cached before --precision existed hold
+        d.pop("precision")
     d["method_options"] = dict(sorted(cls(**cfg.method_options).hp.items()))
     if d["augment"] is None:
         d["augment"] = dataset_info(cfg.dataset).augment
