@@ -99,7 +99,7 @@ def compare(ref_runs: dict[str, dict], now: dict[str, dict], failed: dict[str, s
 
 
 def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update: bool = False,
-              tolerance: float | None = None, jobs: int | None = None, threads: int | None = None, out: str | Path | None = None,
+              tolerance: float | None = None, jobs: int | None = 1, threads: int | None = None, out: str | Path | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> int:
     """Rerun `suite` and compare with `reference`; 0 when nothing regressed (or after --update)."""
     reference = Path(reference)

@@ -193,12 +193,12 @@ def plan_workers(cores: int, todo: int, jobs: int | None, threads: int | None) -
     return jobs, cap if threads is None else min(threads, cap)
 
 
-def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int | None = None,
+def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int | None = 1,
               threads: int | None = None, progress: bool = True,
               log: Callable[[str], None] = print) -> BenchResult:
     """Run every run of `suite` not already finished in `out` (all of them with force).
-    `jobs`: processes (default: one per available core, see plan_workers); `threads`: torch
-    threads per run (default cores // jobs, never more)."""
+    `jobs`: processes (None: one per available core, see plan_workers; the CLI's default);
+    `threads`: torch threads per run (default cores // jobs, never more)."""
     out = prepare_out(out)
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
