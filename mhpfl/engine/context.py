@@ -3,9 +3,10 @@
 The training helper `Client.fit` is the one training loop of the suite: it builds the
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
 that is not being trained, clips gradients, stops on a non-finite loss (checked once per epoch:
-no host sync per step), autocasts to the run's --precision and runs under the FLOP meter.
-Evaluation goes through `Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods
-describe *what* to train and *with which loss*; never how to loop.
+no host sync per step), autocasts to the run's --precision and charges every step's FLOPs
+(forward and the backward autograd really runs) to the meter. Evaluation goes through
+`Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods describe *what* to train and
+*with which loss*; never how to loop.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Client:
         self.cid, self.arch, self.data, self.public, self.info = cid, arch, data, public, info
         self.cfg, self.meter, self.method_name = cfg, meter, method_name
         self.round = 0
+        self.ready = False  # set up by the method (init_client runs at the first participation)
         self.state: dict[str, Any] = {}  # what the method keeps on this client between rounds
         self.modules: list[nn.Module] = []
         self.gen = torch_gen(cfg.seed, "client", cid, "init")
@@ -101,15 +103,18 @@ class Client:
         for m in self.modules:
             m.train()
         losses: list[torch.Tensor] = []
-        with self._only_trainable(params), self.meter.count():
+        # FLOPs: one step per (loss, trainable parameters, batch shape) is measured as autograd runs it
+        key = (getattr(loss_fn, "__code__", type(loss_fn)), tuple((id(p), p.shape) for p in params))
+        with self._only_trainable(params):
             for _ in range(epochs):
                 epoch: list[torch.Tensor] = []
                 for x, y in data.batches(batch_size or cfg.batch_size, self.gen):
-                    with self.autocast():
-                        loss = loss_fn(x, y)
-                    epoch.append(loss.detach().float())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    with self.meter.step((*key, tuple(x.shape))):
+                        with self.autocast():
+                            loss = loss_fn(x, y)
+                        epoch.append(loss.detach().float())
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
@@ -153,15 +158,17 @@ class Client:
         with torch.inference_mode(), self.autocast():
             yield
 
+    def correct(self, predict: Callable[[torch.Tensor], torch.Tensor], split: Split,
+                batch_size: int = INFER_BATCH) -> int:
+        """How many samples of `split` predict(x)'s argmax gets right, in `evaluating()`, batches
+        of INFER_BATCH in order, the count kept on the device (one sync at the end)."""
+        with self.evaluating():
+            return int(sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False)))
+
     def accuracy(self, predict: Callable[[torch.Tensor], torch.Tensor], split: Split,
                  batch_size: int = INFER_BATCH) -> float:
-        """Percent of `split` whose argmax of predict(x) is the label; batches of INFER_BATCH in
-        order, counts kept on the device (one sync at the end)."""
-        if len(split) == 0:
-            return float("nan")
-        with self.evaluating():
-            correct = sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False))
-        return 100.0 * int(correct) / len(split)
+        """Percent of `split` that predict(x)'s argmax gets right (NaN for an empty split)."""
+        return 100.0 * self.correct(predict, split, batch_size) / len(split) if len(split) else float("nan")
 
 
 class Server:
