@@ -3,8 +3,9 @@
 Three things in torch import torch._dynamo (and with it much of torch._inductor) although an
 eager run never uses it: `torch.use_deterministic_algorithms` (to set an inductor flag), the
 first call of torch.optim.Optimizer's add_param_group/zero_grad/state_dict (wrapped by
-`torch._disable_dynamo`, which imports dynamo on first call only to mark them not compilable)
-and every optimizer step (`_use_grad_for_differentiable` imports dynamo for a graph break).
+`torch._disable_dynamo`, which imports dynamo on first call only to mark them not compilable;
+so is FlopCounterMode's __torch_dispatch__, used by the FLOP meter) and every optimizer step
+(`_use_grad_for_differentiable` imports dynamo for a graph break).
 That import costs 1-2 s on an idle core and 2-6 s on a loaded 2-core machine, more than the
 rest of a run's start-up. All three are skipped here while torch._dynamo is not loaded; the
 arithmetic is torch's own (tests/test_speed.py checks SGD bit for bit).
@@ -32,14 +33,21 @@ def deterministic_algorithms(device: str = "cpu") -> None:
 
 
 def eager_optimizers() -> None:
-    """Pre-fill the cache of torch._disable_dynamo's wrappers on torch.optim.Optimizer with the
-    plain methods, so creating an optimizer does not import torch._dynamo. Outside
+    """Pre-fill the cache of torch._disable_dynamo's wrappers with the plain functions, so that
+    creating an optimizer, or counting a step's FLOPs with FlopCounterMode (a TorchDispatchMode,
+    whose __torch_dispatch__ torch wraps the same way), does not import torch._dynamo. Outside
     torch.compile the wrapper's only effect is that import; no-op once dynamo is loaded."""
     if "torch._dynamo" in sys.modules:
         return
-    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict",
-                 "_cuda_graph_capture_health_check"):
-        inner = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    wrapped = [getattr(torch.optim.Optimizer, name, None) for name in
+               ("add_param_group", "zero_grad", "state_dict", "load_state_dict", "_cuda_graph_capture_health_check")]
+    wrapped += [c.__dict__.get("__torch_dispatch__") for c in vars(flop_counter).values()
+                if isinstance(c, type) and issubclass(c, TorchDispatchMode)]
+    for fn in wrapped:
+        inner = getattr(fn, "__wrapped__", None)
         if inner is not None and getattr(inner, "__dynamo_disable", None) is None:
             inner.__dynamo_disable = inner
 
