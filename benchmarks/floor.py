@@ -1,7 +1,7 @@
 """The floor of a round: exactly the passes an engine round ran, replayed with no framework.
 
 `Tracer` records every forward pass of every module a client registered with `client.track`
-during one round of a real run (input batch shape, whether it trains and which parameters are
+during one round of a real run (a round after the clients' set-up) (input batch shape, whether it trains and which parameters are
 trainable, its metered FLOPs), so the floor does exactly that round's work: the same models, the
 same number of SGD steps at the same batch sizes, the same inference passes (public scores,
 validation and test evaluation) and any extra work a method does by design (FedMD's public
@@ -28,7 +28,7 @@ class Pass:
     shape: tuple[int, ...]  # input batch shape
     train: bool
     trainable: tuple[nn.Parameter, ...]
-    flops: int  # metered FLOPs of the pass (multiply-adds; x3 for a training pass)
+    flops: int  # fvcore's per-sample forward FLOPs x batch (multiply-adds; x3 for a training pass)
 
 
 class Tracer:

@@ -16,7 +16,8 @@ from benchmarks.floor import Floor, Tracer, peak_flops
 from mhpfl.benchmark.suite import load_suite
 from mhpfl.engine import run
 
-ROUNDS = 4  # round 1 is traced; rounds 2..4 are timed, the floor is replayed after each round
+ROUNDS = 5  # round 2 is traced (round 1 holds the clients' set-up at first participation);
+# rounds 3..5 are timed, the floor is replayed after rounds 2..5
 SETTING = "N10-C100"
 
 
@@ -31,7 +32,7 @@ METHODS = list(n10_configs(None))
 
 
 def measure(cfg) -> dict:
-    """Engine rounds 2..R and floor replays interleaved in one run (a noisy machine slows both)."""
+    """Engine rounds 3..R and floor replays interleaved in one run (a noisy machine slows both)."""
     engine, floor_train, floor_eval = [], [], []
     state: dict = {"floor": None, "start": None}
 
@@ -39,11 +40,11 @@ def measure(cfg) -> dict:
         def on_round(row):
             now = time.perf_counter()
             r = int(row["round"])
-            if r >= 2:
+            if r >= 3:
                 engine.append(now - state["start"])
-            if r == 0:
+            if r == 1:
                 tracer.recording = True
-            elif r == 1:
+            elif r == 2:
                 tracer.recording = False
                 state["floor"] = Floor(tracer.passes, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip,
                                        cfg.device)
