@@ -2,6 +2,7 @@
 for each method, against its floor (benchmarks/floor.py); the core's peak; start-up."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -22,9 +23,9 @@ SETTING = "N10-C100"
 
 
 def n10_configs(data_root):
-    over = {"eval_every": 1, "rounds": ROUNDS, **({"data_root": data_root} if data_root else {})}
+    over = {"data_root": data_root} if data_root else {}
     suite = load_suite("quick", overrides=over, only_available=True)
-    return {e.method: e.cfg for e in suite.entries
+    return {e.method: dataclasses.replace(e.cfg, rounds=ROUNDS, eval_every=1) for e in suite.entries
             if e.group == "main" and e.setting == SETTING and e.seed == suite.entries[0].seed}
 
 
