@@ -40,7 +40,7 @@ def test_finite_fit_returns_the_mean_loss():
 
     def loss_fn(x, y):
         loss = F.cross_entropy(c.model(x), y)
-        seen.append(float(loss))
+        seen.append(float(loss.detach()))
         return loss
 
     mean = c.fit(c.model.parameters(), loss_fn, epochs=2, batch_size=8)
