@@ -23,6 +23,7 @@ from mhpfl.benchmark.runner import code_fingerprint, machine_info, run_dirname, 
 from mhpfl.benchmark.suite import Suite
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json
+from mhpfl.results import load_summary
 
 DEFAULT_SUITE = "smoke"
 DEFAULT_REFERENCE = "results/smoke/reference.json"
@@ -51,7 +52,7 @@ def collect(suite: Suite, out: Path) -> dict[str, dict[str, Any]]:
         f = out / "runs" / run_dirname(e) / "summary.json"
         if not f.is_file():
             continue
-        s = json.loads(f.read_text())
+        s = load_summary(f)
         got[e.run_id] = {"method": e.method, "key": e.key,
                          **{m: float(s[m]) for m in ACC_METRICS}, **{m: int(s[m]) for m in EXACT_METRICS}}
     return got

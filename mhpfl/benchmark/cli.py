@@ -49,6 +49,9 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--target", type=float, default=None, help="accuracy target (%%) of the cost table")
     _common(p)
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import check_target
+
+    check_target(args.target)  # before any training
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
     if args.dry_run:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhpfl.engine import weighted_average
+from mhpfl.errors import UserError
 from mhpfl.methods.base import Method, Option
 from mhpfl.models import build_model, zoo_archs
 
@@ -52,11 +53,41 @@ class PFedLoRA(Method):
         "adapter_epochs": Option(0, "epochs of the adapter phase; 0 means the same as --local-epochs"),
     }
 
+    def target_layers(self, cfg, info) -> list[str]:
+        return (common_layers(zoo_archs(cfg.zoo, cfg.clients), info.in_shape, info.num_classes)
+                if self.targets == "auto" else [t.strip() for t in self.targets.split(",") if t.strip()])
+
+    def validate(self, cfg, info):
+        """--targets must name Linear/Conv2d layers of every model in the zoo; --rank must lie in
+        [1, min(d_in, d_out)] of every targeted layer (a higher rank cannot add anything)."""
+        targets = self.target_layers(cfg, info)
+        if not targets:
+            raise UserError(f"pfedlora: --targets {self.targets!r} names no layer; use auto or layers among "
+                            "conv1, conv2, fc1, fc2, fc3")
+        full_rank: dict[str, int] = {}
+        for arch in dict.fromkeys(zoo_archs(cfg.zoo, cfg.clients)):
+            layers = dict(build_model(arch, info.in_shape, info.num_classes).named_modules())
+            for t in targets:
+                m = layers.get(t)
+                if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                    raise UserError(f"pfedlora: --targets names '{t}', not a Linear or Conv2d layer of {arch}; "
+                                    "use auto or layers among conv1, conv2, fc1, fc2, fc3")
+                d_out, d_in = m.weight.shape[0], m.weight[0].numel()
+                full_rank[t] = min(full_rank.get(t, d_in), d_in, d_out)
+        hi = min(full_rank.values())
+        if not 1 <= self.rank <= hi:
+            sizes = ", ".join(f"{t} {r}" for t, r in full_rank.items())
+            raise UserError(f"pfedlora: --rank must be in [1, {hi}], min(d_in, d_out) of the targeted layers "
+                            f"({sizes}) (got {self.rank})")
+        if not self.lora_alpha >= 0:
+            raise UserError(f"pfedlora: --lora-alpha must be >= 0 (0: alpha = rank) (got {self.lora_alpha})")
+        if self.adapter_epochs < 0:
+            raise UserError(f"pfedlora: --adapter-epochs must be >= 0 (0: --local-epochs) (got {self.adapter_epochs})")
+
     def lora_config(self, cfg, info):
         from peft import LoraConfig
 
-        targets = (common_layers(zoo_archs(cfg.zoo, cfg.clients), info.in_shape, info.num_classes)
-                   if self.targets == "auto" else [t.strip() for t in self.targets.split(",") if t.strip()])
+        targets = self.target_layers(cfg, info)
         return LoraConfig(r=self.rank, lora_alpha=self.lora_alpha or self.rank, lora_dropout=0.0,
                           target_modules=targets, bias="none", init_lora_weights=True)
 
@@ -66,8 +97,6 @@ class PFedLoRA(Method):
         try:
             return inject_adapter_in_model(self.lora_config(cfg, info), model)
         except ValueError as e:
-            from mhpfl.errors import UserError
-
             raise UserError(f"pfedlora: cannot place the adapter on --targets {self.targets} "
                             f"({str(e).splitlines()[0]}); name layers among conv1, conv2, fc1, fc2, fc3") from None
 
