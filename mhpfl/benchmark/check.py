@@ -31,6 +31,31 @@ ACC_METRICS = ("best_mean_acc", "final_mean_acc")
 EXACT_METRICS = ("bytes_up", "bytes_down", "train_flops")
 
 
+def repository_root() -> Path | None:
+    """The source checkout this package runs from (an editable install), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return root if 'name = "mhpfl-bench"' in (root / "pyproject.toml").read_text() else None
+    except OSError:
+        return None
+
+
+def locate_reference(update: bool = False, cwd: Path | None = None) -> Path:
+    """The default reference, wherever `mhpfl check` is started: DEFAULT_REFERENCE under the
+    working directory or one of its parents, else under the checkout the package runs from.
+    With `update` and none found, where a new one goes (the checkout's); else a UserError."""
+    cwd = (cwd or Path.cwd()).resolve()
+    repo = repository_root()
+    for d in [cwd, *cwd.parents, *([repo] if repo else [])]:
+        if (d / DEFAULT_REFERENCE).is_file():
+            return d / DEFAULT_REFERENCE
+    if update and repo is not None:
+        return repo / DEFAULT_REFERENCE
+    raise UserError(f"no {DEFAULT_REFERENCE} in {cwd}, its parents"
+                    f"{f' or the checkout {repo}' if repo else ''}; start 'mhpfl check' at the repository "
+                    "root or pass --reference PATH (a new one: --reference PATH --update)")
+
+
 def read_reference(path: Path, suite: Suite) -> dict[str, Any] | None:
     if not path.is_file():
         return None

@@ -102,14 +102,15 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_check(argv: list[str]) -> int:
-    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, run_check
+    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, locate_reference, run_check
     from mhpfl.benchmark.suite import load_suite
 
     p = argparse.ArgumentParser(prog="mhpfl check", description=(
         "Regression check: rerun the smoke suite (never from a cache) and compare with the committed "
         "reference: accuracy within a tolerance, bytes and FLOPs exactly. Exit 1 on a regression."))
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"suite name or path (default {DEFAULT_SUITE})")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"reference file (default {DEFAULT_REFERENCE})")
+    p.add_argument("--reference", default=None, help=f"reference file (default {DEFAULT_REFERENCE} of the "
+                                                     "repository, found from any folder inside it)")
     p.add_argument("--update", action="store_true", help="rewrite the reference from this run (deliberately)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="accuracy tolerance in points for methods without their own (default: the "
@@ -117,8 +118,9 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     _common(p)
     args = p.parse_args(argv)
+    reference = args.reference or locate_reference(update=args.update)
     suite = load_suite(args.suite, overrides=_overrides(args))
-    return run_check(suite, args.reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
+    return run_check(suite, reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
                      threads=args.threads, out=args.out, progress=not args.quiet)
 
 
