@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from mhpfl.benchmark.runner import code_fingerprint, machine_info, run_dirname, run_suite
 from mhpfl.benchmark.suite import Suite
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json
 from mhpfl.results import load_summary
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_SUITE = "smoke"
 DEFAULT_REFERENCE = "results/smoke/reference.json"
@@ -86,6 +87,8 @@ def collect(suite: Suite, out: Path) -> dict[str, dict[str, Any]]:
 def compare(ref_runs: dict[str, dict], now: dict[str, dict], failed: dict[str, str], *, default_tol: float,
             tol_per_method: dict[str, float], bytes_rel: dict[str, float]) -> tuple[pd.DataFrame, bool]:
     """Rows for everything that moved at all; second value: True if any is a failure."""
+    import pandas as pd
+
     rows, bad = [], False
     for rid in sorted(set(ref_runs) | set(now) | set(failed)):
         r, n = ref_runs.get(rid), now.get(rid)
@@ -128,6 +131,8 @@ def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update
               tolerance: float | None = None, jobs: int = 1, threads: int | None = None, out: str | Path | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> int:
     """Rerun `suite` and compare with `reference`; 0 when nothing regressed (or after --update)."""
+    import pandas as pd
+
     reference = Path(reference)
     ref = read_reference(reference, suite)  # a wrong reference fails before any training
     if ref is None and not update:

@@ -34,9 +34,7 @@ def _overrides(args) -> dict[str, Any]:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-    from mhpfl.benchmark.runner import finished, run_suite
-    from mhpfl.benchmark.suite import load_suite, shipped_suites
+    from mhpfl.benchmark.suite import shipped_suites
 
     p = argparse.ArgumentParser(prog="mhpfl bench", description=(
         "Run a benchmark suite (cached: finished runs are skipped; resumable after any interruption), "
@@ -49,7 +47,9 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--target", type=float, default=None, help="accuracy target (%%) of the cost table")
     _common(p)
     args = p.parse_args(argv)
-    from mhpfl.benchmark.report import check_target
+    from mhpfl.benchmark.report import check_target, write_report
+    from mhpfl.benchmark.runner import finished, run_suite
+    from mhpfl.benchmark.suite import load_suite
 
     check_target(args.target)  # before any training
     suite = load_suite(args.suite, overrides=_overrides(args))
@@ -85,8 +85,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-
     p = argparse.ArgumentParser(prog="mhpfl report", description=(
         "Write tables (accuracy, cost, headline, ablation: .md/.csv/.tex), plots (.png/.pdf) and a "
         "README into a folder of finished bench runs."))
@@ -96,6 +94,8 @@ def cmd_report(argv: list[str]) -> int:
                         "best accuracy among the methods of each setting)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import write_report
+
     files = write_report(args.dir, target=args.target, do_plots=not args.no_plots)
     print(f"report: wrote {len(files)} files in {args.dir}: {', '.join(files)}")
     return 0
@@ -103,7 +103,6 @@ def cmd_report(argv: list[str]) -> int:
 
 def cmd_check(argv: list[str]) -> int:
     from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, locate_reference, run_check
-    from mhpfl.benchmark.suite import load_suite
 
     p = argparse.ArgumentParser(prog="mhpfl check", description=(
         "Regression check: rerun the smoke suite (never from a cache) and compare with the committed "
@@ -118,6 +117,8 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     _common(p)
     args = p.parse_args(argv)
+    from mhpfl.benchmark.suite import load_suite
+
     reference = args.reference or locate_reference(update=args.update)
     suite = load_suite(args.suite, overrides=_overrides(args))
     return run_check(suite, reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
