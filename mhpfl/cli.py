@@ -241,7 +241,10 @@ def cmd_compare(argv: list[str]) -> int:
 
     flat = [_flat_settings(s["config"]) for s in summaries]
     keys = list(dict.fromkeys(k for f in flat for k in f))
-    differ = [k for k in keys if k != "--seed" and len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    # a setting differs if the runs that have it disagree (a method's own options count only
+    # between runs of methods that have them)
+    differ = [k for k in keys if k != "--seed"
+              and len({json.dumps(f[k], sort_keys=True) for f in flat if k in f}) > 1]
     rows = []
     for d, s, f in zip(args.runs, summaries, flat):
         r = max(s["rounds_run"], 1)

@@ -77,19 +77,22 @@ def test_compare_and_report_name_the_damaged_file(tmp_path, capsys):
 
 def test_compare_rows_carry_folder_seed_and_differing_settings(tmp_path, capsys):
     dirs = []
-    for name, cfg in [("a", {"lr": 0.01}), ("b", {"lr": 0.05}), ("c", {"lr": 0.01, "seed": 1})]:
+    for name, cfg in [("a", {"lr": 0.01}), ("b", {"lr": 0.05}), ("c", {"lr": 0.01, "seed": 1}),
+                      ("d", {"lr": 0.01, "method_options": {"rank": 8}})]:
         d = tmp_path / name
         d.mkdir()
-        (d / "summary.json").write_text(json.dumps(fake_summary(**cfg)))
+        (d / "summary.json").write_text(json.dumps(fake_summary("pfedlora" if name == "d" else "standalone",
+                                                                **cfg)))
         dirs.append(str(d))
     assert main(["compare", *dirs]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:4] == ["run", "method", "seed", "--lr"]
-    assert "--rounds" not in header and "--dataset" not in header  # the same in every run
+    # the same in every run (or only one method has it): no column
+    assert "--rounds" not in header and "--dataset" not in header and "--rank" not in header
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-    assert [r[0] for r in rows] == dirs and [r[2] for r in rows] == ["0", "0", "1"]
-    assert [r[3] for r in rows] == ["0.01", "0.05", "0.01"]
+    assert [r[0] for r in rows] == dirs and [r[2] for r in rows] == ["0", "0", "1", "0"]
+    assert [r[3] for r in rows] == ["0.01", "0.05", "0.01", "0.01"]
 
 
 def test_check_collect_names_a_damaged_summary(tmp_path, data_root):
