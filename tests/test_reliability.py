@@ -283,3 +283,27 @@ def test_bench_reruns_a_damaged_cached_run_and_reports_failures_by_name(tmp_path
         assert json.loads((done / "summary.json").read_text())["method"] == "standalone"
     finally:
         unregister("boom")
+
+
+# ---- mhpfl check finds its reference ------------------------------------------------------------
+def test_check_finds_the_reference_from_anywhere(tmp_path, monkeypatch, capsys):
+    from mhpfl.benchmark import check
+
+    repo = check.repository_root()
+    assert repo is not None and (repo / check.DEFAULT_REFERENCE).is_file()  # tests run from a checkout
+    deep = repo / "mhpfl" / "benchmark"
+    assert check.locate_reference(cwd=deep) == repo / check.DEFAULT_REFERENCE  # a subfolder
+    assert check.locate_reference(cwd=tmp_path) == repo / check.DEFAULT_REFERENCE  # outside: the checkout
+    # another repository copy above the working directory wins over the installed checkout
+    other = tmp_path / "other"
+    (other / "results" / "smoke").mkdir(parents=True)
+    (other / "results" / "smoke" / "reference.json").write_text("{}")
+    (other / "sub").mkdir()
+    assert check.locate_reference(cwd=other / "sub") == other / check.DEFAULT_REFERENCE
+    # no checkout to fall back on (a plain install): say where to start, never guess a place
+    monkeypatch.setattr(check, "repository_root", lambda: None)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="start 'mhpfl check' at the repository root or pass --reference"):
+        check.locate_reference(update=True, cwd=Path("/"))
+    one_line_error(capsys, main(["check", "--update"]), "repository root")
