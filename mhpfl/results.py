@@ -16,11 +16,13 @@ from mhpfl.errors import UserError
 
 SUMMARY = "summary.json"
 
-# Fields the consumers of a summary rely on (the engine writes more); the report also reads
-# final_std_acc and per_client_final_acc.
+# Fields the consumers of a summary rely on (the engine writes more): compare and check read
+# the first nine, the report the rest too.
 REQUIRED_FIELDS: tuple[str, ...] = (
     "method", "config", "best_mean_acc", "final_mean_acc", "bytes_up", "bytes_down", "train_flops",
-    "rounds_run", "wall_seconds", "final_std_acc", "per_client_final_acc",
+    "rounds_run", "wall_seconds",
+    "selected_mean_acc", "selected_weighted_acc", "selected_mean_acc_participated", "selected_round",
+    "converged", "never_participated", "final_std_acc", "per_client_selected_acc",
 )
 
 

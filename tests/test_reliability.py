@@ -31,7 +31,9 @@ def fake_summary(method="standalone", **cfg) -> dict:
               "method_options": {}, "versions": {"torch": "x"}, **cfg}
     return {"method": method, "config": config, "best_mean_acc": 50.0, "final_mean_acc": 40.0,
             "bytes_up": 100, "bytes_down": 200, "train_flops": 1e9, "rounds_run": 3, "wall_seconds": 1.0,
-            "final_std_acc": 1.0, "per_client_final_acc": [40.0] * 10}
+            "final_std_acc": 1.0, "per_client_final_acc": [40.0] * 10, "selected_mean_acc": 45.0,
+            "selected_weighted_acc": 45.0, "selected_mean_acc_participated": 45.0, "selected_round": 2,
+            "converged": True, "never_participated": 0, "per_client_selected_acc": [45.0] * 10}
 
 
 # ---- the schema check ---------------------------------------------------------------------------

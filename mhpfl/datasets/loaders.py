@@ -38,6 +38,9 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), False,
                           "FashionMNIST/raw/*-ubyte(.gz)"),
+    # MNIST and KMNIST: Fashion-MNIST's natural public datasets (FedMD's --public); usable as private data too
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "MNIST/raw/*-ubyte(.gz)"),
+    "kmnist": DatasetInfo("kmnist", 10, (1, 28, 28), (0.1918,), (0.3483,), False, "KMNIST/raw/*-ubyte(.gz)"),
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
                            (0.2470, 0.2435, 0.2616), True, "cifar-10-python.tar.gz"),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409),
@@ -106,9 +109,12 @@ def _cifar_problem(cls, root: Path) -> str | None:
 def _torchvision(name: str, root: Path, download: bool):
     import torchvision.datasets as tvd
 
-    cls = {"fmnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    cls = {"fmnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "kmnist": tvd.KMNIST, "cifar10": tvd.CIFAR10,
+           "cifar100": tvd.CIFAR100}[name]
     info = DATASETS[name]
-    if name != "fmnist" and not download and not (root / cls.base_folder).exists() and (root / cls.filename).is_file():
+    idx = name in ("fmnist", "mnist", "kmnist")  # IDX files under ROOT/<class name>/raw
+    raw = root / cls.__name__ / "raw"
+    if not idx and not download and not (root / cls.base_folder).exists() and (root / cls.filename).is_file():
         # torchvision extracts a placed archive only when allowed to download; do it here
         from torchvision.datasets.utils import extract_archive
 
@@ -117,7 +123,7 @@ def _torchvision(name: str, root: Path, download: bool):
         except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError ...
             raise UserError(f"{name}: {root / cls.filename} is corrupt ({type(e).__name__}: {e}); replace it "
                             "with a fresh copy from https://www.cs.toronto.edu/~kriz/") from None
-    present = ((root / "FashionMNIST" / "raw").is_dir() if name == "fmnist" else (root / cls.base_folder).is_dir())
+    present = raw.is_dir() if idx else (root / cls.base_folder).is_dir()
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except OSError as e:  # download failed (no network, refused, ...), or unreadable files
@@ -125,19 +131,20 @@ def _torchvision(name: str, root: Path, download: bool):
     except Exception as e:  # torchvision: "Dataset not found or corrupted"; a parser error on a damaged file
         cause = None if isinstance(e, RuntimeError) and "not found" in str(e) else f"cannot be parsed: {type(e).__name__} {e}"
     if present:
-        if name == "fmnist":
-            what = next((f"{root / 'FashionMNIST/raw' / f} is missing" for f in FMNIST_FILES
-                         if not (root / "FashionMNIST" / "raw" / f).is_file()), None)
+        if idx:
+            what = next((f"{raw / f} is missing" for f in FMNIST_FILES if not (raw / f).is_file()), None)
         else:
             what = _cifar_problem(cls, root)
-        where = root / ("FashionMNIST/raw" if name == "fmnist" else cls.base_folder)
-        fresh = ("the four IDX files (or install dataset-fashion-mnist)" if name == "fmnist"
-                 else f"{info.archive} in {root}")
+        where = raw if idx else root / cls.base_folder
+        fresh = (("the four IDX files" + (" (or install dataset-fashion-mnist)" if name == "fmnist" else ""))
+                 if idx else f"{info.archive} in {root}")
         raise UserError(f"{name}: the files in {where} are corrupt or incomplete "
                         f"({what or cause.rstrip(': ') or 'unreadable'}); delete {where} and place a fresh copy: {fresh}")
     if name == "fmnist":
         hint = (f"install Debian's package (apt-get install dataset-fashion-mnist) or place the "
                 f"four IDX files in {root / 'FashionMNIST' / 'raw'}")
+    elif name in ("mnist", "kmnist"):
+        hint = f"place the four IDX files (train/t10k images and labels) in {root / info.archive.split('/')[0] / 'raw'}"
     else:
         hint = f"place {info.archive} (from https://www.cs.toronto.edu/~kriz/) in {root}"
     how = f" ({cause})" if cause and download else ""
