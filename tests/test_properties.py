@@ -110,6 +110,9 @@ def test_message_bytes_are_the_bytes_of_the_tensors_sent(specs, strided):
     for i, (dt, shape) in enumerate(specs):
         t = torch.zeros(shape + [2] if strided else shape, dtype=dt)
         msg[f"t{i}"] = t[..., 0] if strided else t  # a non-contiguous view sends only its elements
-    serialized = sum(len(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0
-                     for t in msg.values())
+    def wire_bytes(t):  # the tensor copied into a fresh dense buffer, as raw bytes
+        dense = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
+        return len(dense.view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+
+    serialized = sum(wire_bytes(t) for t in msg.values())
     assert message_bytes(msg) == serialized
