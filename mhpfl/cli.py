@@ -91,7 +91,9 @@ def _method_meta(name: str):
 
 
 def _result_line(summary: dict, out) -> str:
-    return (f"{summary['method']}: best mean acc {summary['best_mean_acc']:.2f}%  "
+    return (f"{summary['method']}: acc {summary['selected_mean_acc']:.2f}% (round {summary['selected_round']}, "
+            f"best on validation{'' if summary['converged'] else '; not converged'})  "
+            f"best on test {summary['best_mean_acc']:.2f}%  "
             f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
             f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
 
@@ -250,7 +252,9 @@ def cmd_compare(argv: list[str]) -> int:
         r = max(s["rounds_run"], 1)
         rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
                      **{k: f.get(k, "") for k in differ},
-                     "best acc %": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
+                     "acc % (val-selected)": round(s["selected_mean_acc"], 2),
+                     "best acc % (on test)": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
+                     "converged": s["converged"],
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,
                      "train FLOPs/round": f"{s['train_flops'] / r:.3e}", "wall s": s["wall_seconds"]})
     print(pd.DataFrame(rows).to_markdown(index=False))
