@@ -99,7 +99,7 @@ class RunConfig:
                                 "use --device cpu")
         elif self.device != "cpu":
             raise UserError(f"unknown device '{self.device}'; use cpu or cuda")
-        cls(**self.method_options)  # unknown method options fail here
+        cls(**self.method_options).check(self, info)  # bad options, or a zoo the method cannot use
 
 
 def library_versions() -> dict[str, str]:

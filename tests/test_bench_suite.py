@@ -10,7 +10,7 @@ from mhpfl.config import RunConfig
 from mhpfl.errors import UserError
 from mhpfl.methods import register, unregister
 
-NINE = {"standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "pfedlora"}
+EVERY_METHOD = {"standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp", "pfedlora"}
 
 
 def _err(tmp_path, data_root, **kw) -> str:
@@ -107,7 +107,7 @@ def test_shipped_suites(name):
 
     raw = tomllib.loads(resources.files("mhpfl.benchmark").joinpath("suites", f"{name}.toml").read_text())
     listed = set(raw["methods"]) | {m for st in raw["settings"] for m in st.get("methods", [])}
-    assert listed == NINE  # every method of the benchmark
+    assert listed == EVERY_METHOD  # every method of the benchmark
     for st in s.settings:
         assert "fedavg" not in st.methods or st.cfg.zoo == "homo"
     if name == "quick":

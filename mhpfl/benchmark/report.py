@@ -29,7 +29,8 @@ from mhpfl.io import atomic_write_text
 
 PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
 DISPLAY = {"standalone": "Standalone", "fedavg": "FedAvg", "fedmd": "FedMD", "fedkd": "FedKD",
-           "fml": "FML", "lgfedavg": "LG-FedAvg", "fd": "FD", "fedproto": "FedProto", "pfedlora": "pFedLoRA"}
+           "fml": "FML", "lgfedavg": "LG-FedAvg", "fd": "FD", "fedproto": "FedProto",
+           "fedgh": "FedGH", "fedtgp": "FedTGP", "pfedlora": "pFedLoRA"}
 DASH = "—"
 
 

@@ -72,6 +72,10 @@ class Method(ABC):
         for k, v in self.hp.items():
             setattr(self, k, v)
 
+    def check(self, cfg, info) -> None:
+        """Cheap checks of this method against the run's setting (zoo, dataset shape), called by
+        RunConfig.validate before any data is loaded; raise UserError on a misfit."""
+
     # ---- client side -------------------------------------------------------------------
     def init_client(self, client: "Client") -> None:
         """Set up what the client keeps between rounds (before round 1)."""
