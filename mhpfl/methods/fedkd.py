@@ -119,16 +119,27 @@ def apply(message: Message, base: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # ---- adaptive mutual distillation ---------------------------------------------------------
-def adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj: nn.Module | None = None) -> dict:
-    """FedKD's per-batch losses (t: mentor, s: mentee); `total` is what is minimised."""
+def adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj: nn.Module | None = None, *,
+                     kl: str = "batchmean", temperature: float = 1.0, adaptive: bool = True,
+                     hidden: bool = True, mentor_distill: bool = True) -> dict:
+    """FedKD's per-batch losses (t: mentor, s: mentee); `total` is what is minimised.
+
+    kl: "batchmean" (KL per sample, the paper's KL) or "mean" (the official nn.KLDivLoss()
+    default, a further 1/C); temperature T softens both softmaxes (KL scaled by T^2; the paper
+    and official code: T = 1); adaptive=False drops the 1/(CE_t + CE_s) factor; hidden=False
+    drops the hidden loss; mentor_distill=False trains the mentor with CE only (one-way)."""
     ce_t, ce_s = F.cross_entropy(t_logits, y), F.cross_entropy(s_logits, y)
-    scale = ce_t + ce_s
-    kl_t = F.kl_div(F.log_softmax(t_logits, 1), F.softmax(s_logits, 1), reduction="batchmean")
-    kl_s = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
-    hidden = F.mse_loss(s_rep if proj is None else proj(s_rep), t_rep)
-    mentor = ce_t + (kl_t + hidden) / scale
-    mentee = ce_s + (kl_s + hidden) / scale
-    return {"ce_t": ce_t, "ce_s": ce_s, "kl_t": kl_t, "kl_s": kl_s, "hidden": hidden,
+    if not mentor_distill:  # the mentor only teaches: no gradient reaches it from distillation
+        t_logits, t_rep = t_logits.detach(), t_rep.detach()
+    scale = ce_t + ce_s if adaptive else torch.ones_like(ce_t)
+    tt, ts = t_logits / temperature, s_logits / temperature
+    k = temperature ** 2
+    kl_t = k * F.kl_div(F.log_softmax(tt, 1), F.softmax(ts, 1), reduction=kl)
+    kl_s = k * F.kl_div(F.log_softmax(ts, 1), F.softmax(tt, 1), reduction=kl)
+    hid = F.mse_loss(s_rep if proj is None else proj(s_rep), t_rep) if hidden else torch.zeros_like(ce_t)
+    mentor = ce_t + ((kl_t + hid) / scale if mentor_distill else 0.0)
+    mentee = ce_s + (kl_s + hid) / scale
+    return {"ce_t": ce_t, "ce_s": ce_s, "kl_t": kl_t, "kl_s": kl_s, "hidden": hid,
             "mentor": mentor, "mentee": mentee, "total": mentor + mentee}
 
 
