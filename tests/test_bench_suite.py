@@ -114,7 +114,10 @@ def test_shipped_suites(name):
         assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} >= {(10, 1.0), (50, 0.1), (100, 0.1)}
         assert any(st.cfg.zoo == "homo" for st in s.settings)
         assert {a["option"] for a in s.ablations} >= {"rank", "adapter", "adapter_epochs"}
-        assert next(a for a in s.ablations if a["option"] == "rank")["values"] == [1, 4, 8, 16]
+        assert next(a for a in s.ablations if a["option"] == "rank")["values"] == [1, 4, 8, 10]
+        assert next(a for a in s.ablations if a["option"] == "adapter")["values"] == ["fc3", "auto", "model"]
+        pf = [e for e in s.entries if e.group.startswith("ablation:")]
+        assert pf and {e.seed for e in pf} == {0, 1, 2}
     if name == "paper":
         assert {st.cfg.dataset for st in s.settings} == {"cifar10", "cifar100"}
         assert all(st.cfg.rounds == 500 for st in s.settings)
