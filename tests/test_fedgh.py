@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import needs_fmnist, synthetic_client, synthetic_server
+from tests.conftest import fit_flops, needs_fmnist, synthetic_client, synthetic_server
 from mhpfl.config import RunConfig
 from mhpfl.datasets import dataset_info
 from mhpfl.engine import Upload, message_bytes, run
@@ -27,7 +27,8 @@ def test_upload_is_class_means_of_the_trained_model_with_a_metered_pass():
     assert up["labels"].tolist() == [2, 7] and up["labels"].dtype == torch.int64
     assert message_bytes(up) == 2 * (4 * REP_DIM + 8) == 4016
     n, per_sample = len(client.data.train), client.meter.per_sample["cnn4"]
-    assert client.meter.total - before == 3 * per_sample * n + per_sample * n  # 1 epoch + 1 pass
+    # 1 epoch (one step per batch) + 1 inference pass
+    assert client.meter.total - before == fit_flops(client.model, n, client.cfg.batch_size) + per_sample * n
     with torch.no_grad():
         _, rep = client.model(client.data.train.x, return_rep=True)
     y = client.data.train.y

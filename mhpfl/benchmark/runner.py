@@ -111,7 +111,7 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
             shutil.rmtree(trash, ignore_errors=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
-        return {"index": idx, "ok": True, "best": summary["best_mean_acc"],
+        return {"index": idx, "ok": True, "best": summary["selected_mean_acc"],
                 "wall": summary["wall_seconds"]}
     except UserError as e:
         return {"index": idx, "ok": False, "error": str(e), "trace": traceback.format_exc()}
@@ -344,7 +344,7 @@ class _Progress:
         if self.bar is not None and e.cfg.rounds > self.seen[i]:
             self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
             self.seen[i] = e.cfg.rounds
-        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: best acc {r['best']:.2f}% ({r['wall']:.0f} s)"
+        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: acc {r['best']:.2f}% ({r['wall']:.0f} s)"
                if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED: {r['error']}")
         if self.bar is not None:
             self.bar.write(msg)
