@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch/torchvision: pip resolves them within the machine's cap (torch<=2.14.1 here).
 TORCH_SPEC ?= torch torchvision
+# Where torch comes from. Default: pip's index (on Linux: the CUDA build, ~6 GB with its CUDA
+# wheels). On a CPU-only machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install test bench-smoke bench-time clean
 
@@ -13,16 +16,17 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
 
+# Two short runs with a progress bar each (a rerun says "already finished"; --force redoes them).
 bench-smoke: install
-	$(BIN)/mhpfl run standalone --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --quiet --out runs/smoke/standalone
-	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --quiet --out runs/smoke/pfedlora
+	$(BIN)/mhpfl run standalone --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --out runs/smoke/standalone
+	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --out runs/smoke/pfedlora
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
 # The quick suite (CPU, ~30-45 min on 2 cores) and its report into results/quick/. Finished runs

@@ -34,9 +34,7 @@ def _overrides(args) -> dict[str, Any]:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-    from mhpfl.benchmark.runner import finished, run_suite
-    from mhpfl.benchmark.suite import load_suite, shipped_suites
+    from mhpfl.benchmark.suite import shipped_suites
 
     p = argparse.ArgumentParser(prog="mhpfl bench", description=(
         "Run a benchmark suite (cached: finished runs are skipped; resumable after any interruption), "
@@ -49,6 +47,11 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--target", type=float, default=None, help="accuracy target (%%) of the cost table")
     _common(p)
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import check_target, write_report
+    from mhpfl.benchmark.runner import finished, run_suite
+    from mhpfl.benchmark.suite import load_suite
+
+    check_target(args.target)  # before any training
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
     if args.dry_run:
@@ -82,8 +85,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-
     p = argparse.ArgumentParser(prog="mhpfl report", description=(
         "Write tables (accuracy, cost, headline, ablation: .md/.csv/.tex), plots (.png/.pdf) and a "
         "README into a folder of finished bench runs."))
@@ -93,20 +94,22 @@ def cmd_report(argv: list[str]) -> int:
                         "best accuracy among the methods of each setting)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import write_report
+
     files = write_report(args.dir, target=args.target, do_plots=not args.no_plots)
     print(f"report: wrote {len(files)} files in {args.dir}: {', '.join(files)}")
     return 0
 
 
 def cmd_check(argv: list[str]) -> int:
-    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, run_check
-    from mhpfl.benchmark.suite import load_suite
+    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, locate_reference, run_check
 
     p = argparse.ArgumentParser(prog="mhpfl check", description=(
         "Regression check: rerun the smoke suite (never from a cache) and compare with the committed "
         "reference: accuracy within a tolerance, bytes and FLOPs exactly. Exit 1 on a regression."))
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"suite name or path (default {DEFAULT_SUITE})")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"reference file (default {DEFAULT_REFERENCE})")
+    p.add_argument("--reference", default=None, help=f"reference file (default {DEFAULT_REFERENCE} of the "
+                                                     "repository, found from any folder inside it)")
     p.add_argument("--update", action="store_true", help="rewrite the reference from this run (deliberately)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="accuracy tolerance in points for methods without their own (default: the "
@@ -114,8 +117,11 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     _common(p)
     args = p.parse_args(argv)
+    from mhpfl.benchmark.suite import load_suite
+
+    reference = args.reference or locate_reference(update=args.update)
     suite = load_suite(args.suite, overrides=_overrides(args))
-    return run_check(suite, args.reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
+    return run_check(suite, reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
                      threads=args.threads, out=args.out, progress=not args.quiet)
 
 

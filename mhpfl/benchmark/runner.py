@@ -30,6 +30,7 @@ from typing import Any, Callable
 from mhpfl.benchmark.suite import Entry, Suite
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
+from mhpfl.results import DamagedResult, load_summary
 
 
 def run_dirname(e: Entry) -> str:
@@ -37,7 +38,20 @@ def run_dirname(e: Entry) -> str:
 
 
 def finished(out: Path, e: Entry) -> bool:
-    return (out / "runs" / run_dirname(e) / "summary.json").is_file()
+    """True if the run's summary.json exists and passes the schema check (mhpfl.results)."""
+    return damaged(out, e) is None and (out / "runs" / run_dirname(e) / "summary.json").is_file()
+
+
+def damaged(out: Path, e: Entry) -> DamagedResult | None:
+    """The error of a finished-looking run whose summary.json cannot be trusted, else None."""
+    f = out / "runs" / run_dirname(e) / "summary.json"
+    if not f.exists():
+        return None
+    try:
+        load_summary(f)
+    except DamagedResult as err:
+        return err
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,6 +215,10 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int =
         atomic_write_json(out / "suite.json", suite.plan())
         atomic_write_text(out / "suite.toml", suite.text)
         runs = suite.runs()
+        for e in runs.values():
+            bad = damaged(out, e)
+            if bad is not None:
+                log(f"  {e.run_id}: damaged result {bad.path} ({bad.why}); running it again")
         todo = [e for e in runs.values() if force or not finished(out, e)]
         res = BenchResult(total=len(runs), cached=len(runs) - len(todo), trained=0)
         log(f"suite {suite.name}: {len(runs)} runs, {res.cached} already finished in {out}, "

@@ -64,7 +64,7 @@ class FedGH(Method):
             raise UserError("fedgh: --server-epochs and --server-batch must be >= 1 and --server-lr >= 0 "
                             f"(got {self.server_epochs}, {self.server_batch}, {self.server_lr})")
 
-    def check(self, cfg, info):
+    def validate(self, cfg, info):
         require_common_rep(self.name, cfg, info)
 
     # ---- client: keeps F_k; its head is replaced by H each round ----------------------

@@ -98,7 +98,7 @@ class FedTGP(FedProto):
         if self.server_epochs < 0 or self.tau < 0:
             raise UserError(f"fedtgp: --server-epochs and --tau must be >= 0 (got {self.server_epochs}, {self.tau})")
 
-    def check(self, cfg, info):
+    def validate(self, cfg, info):
         require_common_rep(self.name, cfg, info)
 
     # client: FedProto's (CE + lambda * MSE; prototypes after training); prediction as above

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhpfl.engine import weighted_average
+from mhpfl.errors import UserError
 from mhpfl.methods.adapters import ParallelAdapter, check_reading, lora_targets
 from mhpfl.methods.base import Method, Option
 from mhpfl.methods.zoo import common_layers  # noqa: F401  (re-exported)
@@ -54,8 +55,12 @@ class PFedLoRA(Method):
         "adapter_epochs": Option(0, "epochs of the adapter phase; 0 means the same as --local-epochs"),
     }
 
-    def check(self, cfg, info):
+    def validate(self, cfg, info):
         check_reading(self.adapter, self.rank, cfg, info)
+        if not self.lora_alpha >= 0:
+            raise UserError(f"pfedlora: --lora-alpha must be >= 0 (0: alpha = rank) (got {self.lora_alpha})")
+        if self.adapter_epochs < 0:
+            raise UserError(f"pfedlora: --adapter-epochs must be >= 0 (0: --local-epochs) (got {self.adapter_epochs})")
 
     # ---- the adapter: built, read and written the same way on clients and server -----
     def build(self, model: nn.Module, cfg, info, seed_key) -> tuple[nn.Module, nn.Module | None]:
