@@ -125,11 +125,12 @@ def test_check_collect_names_a_damaged_summary(tmp_path, data_root):
     (["standalone", "--lr", "0"], ["--lr"]),
     (["standalone", "--seed", "-1"], ["--seed", ">= 0"]),
     (["pfedlora", "--rank", "0"], ["--rank", "[1, 10]"]),
-    (["pfedlora", "--rank", "100000"], ["--rank", "[1, 10]", "fc3 10"]),
-    (["pfedlora", "--rank", "17", "--targets", "conv1"], ["--rank", "[1, 16]"]),
-    (["pfedlora", "--targets", "fc9"], ["--targets", "fc9"]),
-    (["pfedlora", "--targets", ","], ["--targets"]),
-    (["pfedlora", "--targets", "pool"], ["--targets", "'pool'"]),  # exists, but not Linear/Conv2d
+    (["pfedlora", "--rank", "100000"], ["--rank", "[1, 10]", "fc3"]),
+    (["pfedlora", "--rank", "17", "--adapter", "conv1"], ["--rank", "[1, 16]"]),
+    (["pfedlora", "--rank", "3200", "--adapter", "model"], ["--rank", "[1, 3136]"]),
+    (["pfedlora", "--adapter", "fc9"], ["--adapter", "fc9"]),
+    (["pfedlora", "--adapter", ","], ["--adapter"]),
+    (["pfedlora", "--adapter", "pool"], ["--adapter", "'pool'"]),  # exists, but not Linear/Conv2d
     (["pfedlora", "--lora-alpha", "-1"], ["--lora-alpha", ">= 0"]),
 ])
 def test_nonsense_is_refused_before_data_loads(tmp_path, capsys, args, needles):
@@ -143,8 +144,9 @@ def test_nonsense_is_refused_before_data_loads(tmp_path, capsys, args, needles):
 
 def test_valid_pfedlora_ranks_pass(tiny_cfg):
     tiny_cfg("pfedlora", method_options={"rank": 10}).validate()
-    tiny_cfg("pfedlora", method_options={"rank": 16, "targets": "conv1"}).validate()
-    tiny_cfg("pfedlora", method_options={"rank": 1, "targets": "fc1,fc2"}, zoo="homo").validate()
+    tiny_cfg("pfedlora", method_options={"rank": 16, "adapter": "conv1"}).validate()
+    tiny_cfg("pfedlora", method_options={"rank": 16, "adapter": "model"}).validate()
+    tiny_cfg("pfedlora", method_options={"rank": 1, "adapter": "fc1,fc2"}, zoo="homo").validate()
 
 
 @pytest.mark.parametrize("argv", [["report", "DIR", "--target", "150"], ["report", "DIR", "--target", "0"],

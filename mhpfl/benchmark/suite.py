@@ -32,7 +32,7 @@ A suite file (see the shipped `suites/smoke.toml`, `quick.toml`, `paper.toml`; c
 
     [report]
     reference = "pfedlora"              # the method margins and ratios are measured against
-    baselines = ["fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto"]
+    baselines = ["fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp"]
     target = "min-best"                 # or a number (percent): the cost table's target
 
     [check]
@@ -57,7 +57,7 @@ from typing import Any
 from mhpfl.config import RunConfig
 from mhpfl.errors import UserError
 
-SIX_BASELINES = ("fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto")
+SIX_BASELINES = ("fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp")
 TOP_KEYS = {"name", "description", "methods", "seeds", "defaults", "method_options", "settings",
             "ablations", "report", "check"}
 SETTING_KEYS = {"name", "methods", "seeds", "target", "method_options"}

@@ -28,6 +28,8 @@ BUILTIN: dict[str, str] = {
     "lgfedavg": "mhpfl.methods.lgfedavg:LGFedAvg",
     "fd": "mhpfl.methods.fd:FD",
     "fedproto": "mhpfl.methods.fedproto:FedProto",
+    "fedgh": "mhpfl.methods.fedgh:FedGH",
+    "fedtgp": "mhpfl.methods.fedtgp:FedTGP",
 }
 ENTRY_POINT_GROUP = "mhpfl.methods"
 _REGISTERED: dict[str, type[Method]] = {}  # in-process registrations (see `register`)
