@@ -70,6 +70,12 @@ def _run_parser(method_cls=None) -> argparse.ArgumentParser:
                    help="never download datasets; fail if they are absent")
     p.add_argument("--out", default=None, help="output directory (default runs/METHOD-DATASET-N-seedS)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default): every client in this process; flower: the same method as a "
+                        "Flower app (Message API) in Flower's simulation runtime (pip install 'mhpfl-bench[flower]')")
+    p.add_argument("--flower-app", metavar="DIR", default=None,
+                   help="with --engine flower: write a Flower App for a real federation into DIR instead of "
+                        "simulating (then: flwr run DIR CONNECTION; see docs/scale-out.md)")
     if method_cls is not None:
         _method_options_group(p, method_cls)
     return p
@@ -90,7 +96,19 @@ def cmd_run(argv: list[str]) -> int:
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     cfg = RunConfig(method=args.method, method_options=opts, **fields)
     out = args.out or f"runs/{cfg.method}-{cfg.dataset}-N{cfg.clients}-seed{cfg.seed}"
-    summary = run(cfg, out=out, progress=not args.quiet)
+    if args.flower_app and args.engine != "flower":
+        raise UserError("--flower-app needs --engine flower")
+    if args.engine == "flower":
+        from mhpfl import flower
+
+        if args.flower_app:
+            app = flower.write_app(cfg, args.flower_app, out)
+            print(f"wrote the Flower App {app}/pyproject.toml; with a SuperLink and SuperNodes running, submit it "
+                  f"with: flwr run {app} CONNECTION --stream   (results go to {Path(out).resolve()})")
+            return 0
+        summary = flower.run_flower(cfg, out=out, progress=not args.quiet)
+    else:
+        summary = run(cfg, out=out, progress=not args.quiet)
     print(f"{summary['method']}: best mean acc {summary['best_mean_acc']:.2f}%  "
           f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
           f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
@@ -129,7 +147,7 @@ def cmd_compare(argv: list[str]) -> int:
             raise UserError(f"{f} not found: run 'mhpfl run ... --out {d}' first")
         s = json.loads(f.read_text())
         r = max(s["rounds_run"], 1)
-        rows.append({"method": s["method"], "best acc %": round(s["best_mean_acc"], 2),
+        rows.append({"method": s["method"], "engine": s.get("engine", "inprocess"), "best acc %": round(s["best_mean_acc"], 2),
                      "final acc %": round(s["final_mean_acc"], 2),
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,
                      "train FLOPs/round": f"{s['train_flops'] / r:.3e}", "wall s": s["wall_seconds"]})
