@@ -7,7 +7,7 @@ from typing import Any
 
 from mhpfl.errors import UserError
 
-PAPER_K = {"fmnist": 2, "cifar10": 2, "cifar100": 10}
+PAPER_K = {"fmnist": 2, "mnist": 2, "kmnist": 2, "cifar10": 2, "cifar100": 10}
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RunConfig:
     zoo: str = "hetero"
     train_fraction: float = 1.0
     val_size: int = 10_000
-    public_size: int = 5_000
+    public_size: int | None = None  # default: a client's mean private set; scaled by train_fraction
     public: str = "heldout"  # public pool: a held-out slice of the training pool, or a dataset name
     augment: bool | None = None  # default: the dataset's (on for CIFAR, off for Fashion-MNIST)
     seed: int = 0
@@ -61,7 +61,9 @@ class RunConfig:
         cls = get_method(self.method)
         info = dataset_info(self.dataset)
         if self.public != "heldout":
-            dataset_info(self.public)  # unknown names fail here
+            from mhpfl.datasets import check_public_pair
+
+            check_public_pair(self.public, info)  # unknown names and other input shapes fail here
         checks = [
             (self.clients >= 1, f"--clients must be >= 1 (got {self.clients})"),
             (0 < self.frac <= 1, f"--frac must be in (0, 1] (got {self.frac})"),
@@ -71,10 +73,15 @@ class RunConfig:
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (0 < self.train_fraction <= 1, f"--train-fraction must be in (0, 1] (got {self.train_fraction})"),
             (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
-            (self.public_size >= 0, f"--public-size must be >= 0 (got {self.public_size})"),
-            (self.public != "heldout" or self.public_size <= self.val_size,
-             f"--public-size ({self.public_size}) must not exceed --val-size ({self.val_size}) "
-             "when the public pool is held out of the training pool"),
+            (self.public_size is None or self.public_size >= 0,
+             f"--public-size must be >= 0 (got {self.public_size})"),
+            (self.public != "heldout" or self.public_size is None
+             or round(self.public_size * self.train_fraction) <= self.val_size,
+             f"--public-size ({self.public_size}) x --train-fraction must not exceed --val-size "
+             f"({self.val_size}) when the public pool is held out of the training pool"),
+            (self.rounds * max(1, int(round(self.frac * self.clients))) >= self.clients,
+             f"--rounds {self.rounds} x {max(1, int(round(self.frac * self.clients)))} participants per "
+             f"round cannot give each of the {self.clients} clients a participation; raise --rounds or --frac"),
             (self.zoo in ZOOS, f"unknown zoo '{self.zoo}'; choose one of {', '.join(ZOOS)}"),
         ]
         for ok, msg in checks:

@@ -33,10 +33,11 @@ def data_root(tmp_path_factory) -> str:
 
 @pytest.fixture
 def tiny_cfg(data_root):
-    """A small, fast real-data configuration: 5 clients, 2 rounds, 5% of the training data."""
+    """A small, fast real-data configuration: 5 clients, 2 rounds, 5% of the training data,
+    2,000 held-out samples (validation splits and the public pool)."""
 
     def make(method: str, **kw) -> RunConfig:
-        base = dict(method=method, dataset="fmnist", clients=5, frac=1.0, rounds=2,
+        base = dict(method=method, dataset="fmnist", clients=5, frac=1.0, rounds=2, val_size=2000,
                     train_fraction=0.05, batch_size=32, seed=0, data_root=data_root, download=False)
         base.update(kw)
         return RunConfig(**base)
@@ -80,3 +81,28 @@ def one_pass_fit(client, record):
         record.append(loss.detach())
         return float(loss.detach())
     return fit
+
+
+def fit_flops(model, n: int, batch: int, epochs: int = 1) -> int:
+    """Independent count of what `client.fit` charges for training all of `model` on n samples
+    (FlopCounterMode on a copy: forward + the backward autograd runs, multiply-add = 1 FLOP)."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step(b: int) -> int:
+        m = copy.deepcopy(model)
+        p = next(m.parameters())
+        x = torch.zeros(b, *_in_shape(m), device=p.device)
+        with FlopCounterMode(display=False) as fc:
+            F.cross_entropy(m(x), torch.zeros(b, dtype=torch.long)).backward()
+        return fc.get_total_flops() // 2
+
+    full, rest = divmod(n, batch)
+    return epochs * (full * (step(batch) if full else 0) + (step(rest) if rest else 0))
+
+
+def _in_shape(model):
+    conv1 = model.conv1
+    return (conv1.in_channels, 28, 28) if conv1.in_channels == 1 else (conv1.in_channels, 32, 32)

@@ -111,11 +111,15 @@ def test_shipped_suites(name):
     for st in s.settings:
         assert "fedavg" not in st.methods or st.cfg.zoo == "homo"
     if name == "quick":
-        assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} >= {(10, 1.0), (50, 0.1), (100, 0.1)}
+        # the lineage's settings, with ~20 participations per client and 3 seeds
+        assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} >= {(10, 1.0), (50, 0.2), (100, 0.1)}
+        assert all(st.cfg.rounds * st.cfg.frac >= 20 for st in s.settings)
+        assert all(st.seeds == [0, 1, 2] for st in s.settings)
         assert any(st.cfg.zoo == "homo" for st in s.settings)
         assert {a["option"] for a in s.ablations} >= {"rank", "targets", "adapter_epochs"}
         assert next(a for a in s.ablations if a["option"] == "rank")["values"] == [1, 4, 8, 16]
     if name == "paper":
         assert {st.cfg.dataset for st in s.settings} == {"cifar10", "cifar100"}
         assert all(st.cfg.rounds == 500 for st in s.settings)
+        assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} == {(10, 1.0), (50, 0.2), (100, 0.1)}
         assert {st.cfg.partition for st in s.settings} == {"pathological:2", "pathological:10"}

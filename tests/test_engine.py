@@ -7,7 +7,7 @@ import torch
 from mhpfl.engine import run
 from mhpfl.engine.runner import ROUND_COLUMNS, participants
 from mhpfl.errors import NonFiniteLoss, UserError
-from tests.conftest import needs_fmnist, strip_timing
+from tests.conftest import fit_flops, needs_fmnist, strip_timing
 
 
 @needs_fmnist
@@ -24,15 +24,19 @@ def test_standalone_sends_nothing_and_learns(tiny_cfg, tmp_path):
     rounds = pd.read_csv(tmp_path / "rounds.csv")
     assert list(rounds.columns[: len(ROUND_COLUMNS)]) == ROUND_COLUMNS
     assert rounds["round"].tolist() == [0, 1, 2]
+    assert rounds["train_flops"].iloc[0] == 0  # nothing is trained before round 1
     assert rounds["train_flops"].sum() == s["train_flops"]
 
 
 @needs_fmnist
 def test_train_flops_equal_the_metered_passes(tiny_cfg):
-    """Standalone, 1 epoch: every training sample is one forward+backward (3x forward FLOPs)."""
-    s = run(tiny_cfg("standalone", rounds=1), progress=False)
-    per = s["flops_per_sample"]
-    expected = sum(3 * per[a] * n for a, n in zip(s["client_archs"], s["client_train_samples"]))
+    """Standalone, 1 epoch: every batch is one forward + backward step, as FlopCounterMode counts it."""
+    from mhpfl.models import build_model
+
+    cfg = tiny_cfg("standalone", rounds=1)
+    s = run(cfg, progress=False)
+    expected = sum(fit_flops(build_model(a, (1, 28, 28), 10), n, cfg.batch_size)
+                   for a, n in zip(s["client_archs"], s["client_train_samples"]))
     assert s["train_flops"] == expected
 
 
@@ -69,7 +73,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny_cfg):
 @pytest.mark.parametrize("kw,msg", [
     (dict(frac=0.0), "--frac"), (dict(frac=1.5), "--frac"), (dict(rounds=0), "--rounds"),
     (dict(partition="pathological:11"), "K <= 10"), (dict(clients=7, partition="pathological:2"), "divisible"),
-    (dict(dataset="mnist"), "unknown dataset"), (dict(zoo="hetero", method="fedavg"), "homo"),
+    (dict(dataset="svhn"), "unknown dataset"), (dict(zoo="hetero", method="fedavg"), "homo"),
     (dict(method="nope"), "unknown method"), (dict(train_fraction=0), "--train-fraction"),
     (dict(device="tpu"), "unknown device"),
 ])
@@ -91,12 +95,12 @@ def test_public_pool_is_held_out_or_named(tiny_cfg):
 
     cfg = tiny_cfg("standalone")
     kw = dict(data_root=cfg.data_root, download=False, train_fraction=0.05)
-    held = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=300, **kw)
-    named = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=300,
+    held = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=6000, **kw)
+    named = federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public_size=6000,
                      public="fmnist", **kw)
-    assert len(held.public) == len(named.public) == 300
+    assert len(held.public) == len(named.public) == 300  # --public-size x --train-fraction
     assert not torch.equal(held.public.x, named.public.x)  # a seeded draw of the named split
-    with pytest.raises(UserError, match="--public cifar10 does not fit fmnist"):
+    with pytest.raises(UserError, match=r"--public cifar10 \(3x32x32\) does not fit fmnist"):
         federate("fmnist", 5, PartitionSpec.parse("pathological:2"), 0, public="cifar10", **kw)
     with pytest.raises(UserError, match="unknown dataset"):
         tiny_cfg("fedmd", public="imagenet").validate()

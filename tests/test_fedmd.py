@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import needs_fmnist
+from tests.conftest import fit_flops, needs_fmnist
+from mhpfl.models import build_model
 from mhpfl.config import RunConfig
 from mhpfl.datasets import ClientData, Split, dataset_info
 from mhpfl.engine import Client, FlopMeter, Server, Upload, message_bytes, run
@@ -139,7 +140,7 @@ def test_needs_a_public_pool():
 
 @needs_fmnist
 def test_short_real_run_beats_chance(tiny_cfg):
-    cfg = tiny_cfg("fedmd", public_size=200, method_options={
+    cfg = tiny_cfg("fedmd", public_size=4000, method_options={
         "public_subset": 100, "transfer_public_epochs": 2, "transfer_private_epochs": 1})
     rows = []
     s = run(cfg, out=None, progress=False, on_round=rows.append)
@@ -148,7 +149,11 @@ def test_short_real_run_beats_chance(tiny_cfg):
     n, sub, c = cfg.clients, 100, 10
     assert [r["bytes_up"] for r in rows] == [0] + [n * sub * c * 4] * cfg.rounds
     assert [r["bytes_down"] for r in rows] == [0] + [n * (sub * 8 + sub * c * 4)] * cfg.rounds
-    # round 0 is exactly the transfer phase: 2 epochs on the public pool, then 1 on private data
-    fl = s["flops_per_sample"]
-    expected = sum(3 * fl[a] * (2 * 200 + k) for a, k in zip(s["client_archs"], s["client_train_samples"]))
-    assert rows[0]["train_flops"] == expected
+    # round 1 holds each client's transfer learning (2 epochs on the public pool, 1 on private
+    # data: it joins in round 1), then scores on the subset, digest and revisit; round 0 nothing
+    fl, b = s["flops_per_sample"], cfg.batch_size
+    models = {a: build_model(a, (1, 28, 28), 10) for a in fl}
+    expected = sum(fit_flops(models[a], 200, b, 2) + fit_flops(models[a], k, b, 2)
+                   + fit_flops(models[a], sub, 256) + sub * fl[a]
+                   for a, k in zip(s["client_archs"], s["client_train_samples"]))
+    assert rows[0]["train_flops"] == 0 and rows[1]["train_flops"] == expected

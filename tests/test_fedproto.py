@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import needs_fmnist, one_pass_fit, synthetic_client, synthetic_server
+from tests.conftest import fit_flops, needs_fmnist, one_pass_fit, synthetic_client, synthetic_server
 from mhpfl.datasets import dataset_info
 from mhpfl.engine import Upload, message_bytes, run
 from mhpfl.errors import UserError
@@ -59,7 +59,8 @@ def test_protos_after_training_use_a_metered_pass():
     up = m.client_update(client, {}, "round")
     per_sample = client.meter.per_sample[client.arch]
     n = len(client.data.train)
-    assert client.meter.total - before == 3 * per_sample * n + per_sample * n  # 1 epoch + 1 pass
+    # 1 epoch (one step per batch) + 1 inference pass
+    assert client.meter.total - before == fit_flops(client.model, n, client.cfg.batch_size) + per_sample * n
     torch.testing.assert_close(up["protos"], class_means(client)[1])  # the trained model's
 
 

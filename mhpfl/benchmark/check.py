@@ -4,7 +4,7 @@
 is given, and then with --force): a cache keyed on configuration and method version could not
 see a code change that forgot to bump a version, so the check never trusts one.
 
-Compared per run (id = setting|method|seed): best and final mean accuracy within an absolute
+Compared per run (id = setting|method|seed): validation-selected, best and final mean accuracy within an absolute
 tolerance (points; default 2, or the reference's / suite's per-method tolerance), bytes up,
 bytes down and client training FLOPs exactly (or within a per-method relative tolerance,
 `bytes_rel_tolerance`, for methods whose message sizes depend on the data). A run missing on
@@ -26,7 +26,7 @@ from mhpfl.io import atomic_write_json
 
 DEFAULT_SUITE = "smoke"
 DEFAULT_REFERENCE = "results/smoke/reference.json"
-ACC_METRICS = ("best_mean_acc", "final_mean_acc")
+ACC_METRICS = ("selected_mean_acc", "best_mean_acc", "final_mean_acc")
 EXACT_METRICS = ("bytes_up", "bytes_down", "train_flops")
 
 

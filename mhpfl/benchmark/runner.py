@@ -109,7 +109,7 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
         atomic_write_json(tmp / "run.json", {"key": job["key"], "code": code_fingerprint(),
                                              "config": job["config"]})
         publish(tmp, final)
-        return {"index": idx, "ok": True, "best": summary["best_mean_acc"],
+        return {"index": idx, "ok": True, "best": summary["selected_mean_acc"],
                 "wall": summary["wall_seconds"]}
     except UserError as e:
         return {"index": idx, "ok": False, "error": str(e), "trace": traceback.format_exc()}
@@ -378,7 +378,7 @@ class _Progress:
             self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
             self.seen[i] = e.cfg.rounds
         host = f" on {r['node']['host']}" if r.get("node") else ""
-        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: best acc {r['best']:.2f}% ({r['wall']:.0f} s{host})"
+        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: acc {r['best']:.2f}% ({r['wall']:.0f} s{host})"
                if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED{host}: {r['error']}")
         if self.bar is not None:
             self.bar.write(msg)

@@ -3,13 +3,14 @@
 What is used for what (defaults of `mhpfl run`):
 - training pool: the dataset's training split minus a held-out pool of `--val-size` samples
   (10,000, as the paper's authors hold out); it is split over clients by the partition;
-- held-out pool: its first `--public-size` samples (default 5,000) form the *public* pool that
-  no client owns (FedMD's public data, see `FederatedData.public`); the rest is split over
-  clients with the same shares as validation sets (available to methods, not used for the
-  reported numbers). With `--public DATASET` the public pool is instead `--public-size` samples
-  (seeded) of another dataset's training split with the same input shape (e.g. CIFAR-10 public
-  data for CIFAR-100 clients, as in FedMD's paper); its labels must fit the clients' label
-  space (no more classes), and the whole held-out pool is then validation data;
+- held-out pool: its first P samples form the *public* pool that no client owns (FedMD's
+  labelled public data, see `FederatedData.public`), where P = `--public-size` x
+  `--train-fraction`, by default the mean private training set of a client
+  (`public_pool_size`); the rest is split over clients with the same shares as validation sets,
+  on which the engine selects the reported round. With `--public DATASET` the public pool is
+  instead P samples (seeded) of another dataset's training split with the same input shape
+  (MNIST or KMNIST for Fashion-MNIST, CIFAR-100 for CIFAR-10 and the reverse), and the whole
+  held-out pool is then validation data;
 - test split: split over clients with the same shares; every reported accuracy is a client's
   personalized model on its own test set.
 """
@@ -22,10 +23,12 @@ import torch
 
 from mhpfl.datasets.augment import augment
 from mhpfl.datasets.loaders import DATASETS, DatasetInfo, dataset_info, default_data_root, load_dataset
-from mhpfl.datasets.partition import Partition, PartitionSpec, make_partition
+from mhpfl.datasets.partition import Partition, PartitionSpec, make_partition, public_pool_size
 
 __all__ = ["DATASETS", "DatasetInfo", "Split", "FederatedData", "PartitionSpec", "Partition",
-           "dataset_info", "default_data_root", "load_dataset", "make_partition", "federate"]
+           "check_public_pair", "dataset_info", "default_data_root", "load_dataset", "make_partition",
+           "public_pool_size",
+           "federate"]
 
 
 @dataclass
@@ -72,12 +75,13 @@ class FederatedData:
 
 def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *,
              data_root: str | None = None, download: bool = True, val_size: int = 10_000,
-             public_size: int = 5_000, train_fraction: float = 1.0, augment: bool | None = None,
+             public_size: int | None = None, train_fraction: float = 1.0, augment: bool | None = None,
              device: str = "cpu", public: str = "heldout") -> FederatedData:
     """Load a dataset and split it over `num_clients` clients; tensors go to `device`."""
     ds = load_dataset(name, data_root, download)
     info = ds.info
     aug = info.augment if augment is None else augment
+    public_size = public_pool_size(public_size, len(ds.train_y), val_size, train_fraction, num_clients)
     part = make_partition(ds.train_y.numpy(), ds.test_y.numpy(), info.num_classes, num_clients,
                           partition, seed, val_size=val_size,
                           public_size=public_size if public == "heldout" else 0,
@@ -97,16 +101,23 @@ def federate(name: str, num_clients: int, partition: PartitionSpec, seed: int, *
     return FederatedData(info, clients, pub, part)
 
 
+def check_public_pair(name: str, info: DatasetInfo) -> None:
+    """A named public dataset must have the private data's input shape (cheap: no loading)."""
+    from mhpfl.errors import UserError
+
+    other = dataset_info(name)
+    if other.in_shape != info.in_shape:
+        raise UserError(f"--public {name} ({'x'.join(map(str, other.in_shape))}) does not fit {info.name} "
+                        f"({'x'.join(map(str, info.in_shape))}): public data needs the same input shape; "
+                        "use --public heldout or a dataset of that shape")
+
+
 def _named_public(name: str, info: DatasetInfo, size: int, seed: int, data_root, download, device) -> Split:
     """`size` seeded samples of another dataset's training split, as a labelled public pool."""
     from mhpfl.errors import UserError
     from mhpfl.seeding import np_rng
 
-    other = dataset_info(name)
-    if other.in_shape != info.in_shape or other.num_classes > info.num_classes:
-        raise UserError(f"--public {name} does not fit {info.name}: public data needs the same input "
-                        f"shape ({'x'.join(map(str, info.in_shape))}) and at most {info.num_classes} "
-                        "classes; use --public heldout or another dataset")
+    check_public_pair(name, info)
     pds = load_dataset(name, data_root, download)
     idx = torch.as_tensor(np_rng(seed, "public", name).permutation(len(pds.train_y))[:size], dtype=torch.long)
     return Split(pds.train_x[idx].to(device), pds.train_y[idx].to(device))

@@ -38,6 +38,9 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "fmnist": DatasetInfo("fmnist", 10, (1, 28, 28), (0.2860,), (0.3530,), False,
                           "FashionMNIST/raw/*-ubyte(.gz)"),
+    # MNIST and KMNIST: Fashion-MNIST's natural public datasets (FedMD's --public); usable as private data too
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False, "MNIST/raw/*-ubyte(.gz)"),
+    "kmnist": DatasetInfo("kmnist", 10, (1, 28, 28), (0.1918,), (0.3483,), False, "KMNIST/raw/*-ubyte(.gz)"),
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
                            (0.2470, 0.2435, 0.2616), True, "cifar-10-python.tar.gz"),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409),
@@ -91,7 +94,8 @@ def _stage_debian_fmnist(root: Path) -> None:
 def _torchvision(name: str, root: Path, download: bool):
     import torchvision.datasets as tvd
 
-    cls = {"fmnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    cls = {"fmnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "kmnist": tvd.KMNIST, "cifar10": tvd.CIFAR10,
+           "cifar100": tvd.CIFAR100}[name]
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
@@ -102,6 +106,8 @@ def _torchvision(name: str, root: Path, download: bool):
     if name == "fmnist":
         hint = (f"install Debian's package (apt-get install dataset-fashion-mnist) or place the "
                 f"four IDX files in {root / 'FashionMNIST' / 'raw'}")
+    elif name in ("mnist", "kmnist"):
+        hint = f"place the four IDX files (train/t10k images and labels) in {root / info.archive.split('/')[0] / 'raw'}"
     else:
         hint = f"place {info.archive} (from https://www.cs.toronto.edu/~kriz/) in {root}"
     raise UserError(f"{name} not found under {root} ({cause}); {hint}, or pass --data-root DIR")

@@ -112,6 +112,16 @@ def subsample(labels: np.ndarray, idx: np.ndarray, fraction: float,
     return np.sort(np.concatenate(kept))
 
 
+def public_pool_size(public_size: int | None, n_train: int, val_size: int, train_fraction: float,
+                     num_clients: int) -> int:
+    """Size of the labelled public pool (FedMD's): --public-size scaled by --train-fraction (the
+    pool shrinks with the data actually used), or by default the mean private training set of a
+    client, so that public data never outweighs what a client owns."""
+    if public_size is None:
+        return int((n_train - val_size) * train_fraction) // num_clients
+    return int(round(public_size * train_fraction))
+
+
 @dataclass
 class ClientIndices:
     train: np.ndarray  # into the training tensors

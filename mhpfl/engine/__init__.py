@@ -3,7 +3,7 @@ from mhpfl.engine.aggregate import weighted_average
 from mhpfl.engine.context import Client, Server
 from mhpfl.messages import Upload
 from mhpfl.engine.meter import FlopMeter, forward_flops, message_bytes
-from mhpfl.engine.runner import TIMING_FIELDS, evaluate, run
+from mhpfl.engine.runner import TIMING_FIELDS, Federation, Recorder, client_step, evaluate, evaluate_client, run
 
 __all__ = ["Client", "Server", "Upload", "FlopMeter", "forward_flops", "message_bytes",
-           "weighted_average", "TIMING_FIELDS", "evaluate", "run"]
+           "weighted_average", "TIMING_FIELDS", "Federation", "Recorder", "client_step", "evaluate", "evaluate_client", "run"]

@@ -2,8 +2,8 @@
 
 The training helper `Client.fit` is the one training loop of the suite: it builds the
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
-that is not being trained, clips gradients, stops on a non-finite loss and runs under the FLOP
-meter. Methods describe *what* to train and *with which loss*; never how to loop.
+that is not being trained, clips gradients, stops on a non-finite loss and charges every step's
+FLOPs (forward and the backward autograd really runs) to the meter. Methods describe *what* to train and *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Client:
         self.cid, self.arch, self.data, self.public, self.info = cid, arch, data, public, info
         self.cfg, self.meter, self.method_name = cfg, meter, method_name
         self.round = 0
+        self.ready = False  # set up by the method (init_client runs at the first participation)
         self.state: dict[str, Any] = {}  # what the method keeps on this client between rounds
         self.modules: list[nn.Module] = []
         self.gen = torch_gen(cfg.seed, "client", cid, "init")
@@ -99,15 +100,18 @@ class Client:
         for m in self.modules:
             m.train()
         total, steps = 0.0, 0
-        with self._only_trainable(params), self.meter.count():
+        # FLOPs: one step per (loss, trainable parameters, batch shape) is measured as autograd runs it
+        key = (getattr(loss_fn, "__code__", type(loss_fn)), tuple((id(p), p.shape) for p in params))
+        with self._only_trainable(params):
             for _ in range(epochs):
                 for x, y in data.batches(batch_size or cfg.batch_size, self.gen):
-                    loss = loss_fn(x, y)
-                    value = float(loss.detach())
-                    if not np.isfinite(value):
-                        raise NonFiniteLoss(self.method_name, self.cid, self.round, value)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    with self.meter.step((*key, tuple(x.shape))):
+                        loss = loss_fn(x, y)
+                        value = float(loss.detach())
+                        if not np.isfinite(value):
+                            raise NonFiniteLoss(self.method_name, self.cid, self.round, value)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
                     if cfg.grad_clip:
                         nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()

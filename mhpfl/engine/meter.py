@@ -2,12 +2,17 @@
 
 Bytes: the sum of numel x element_size over the tensors placed in a message.
 
-FLOPs: fvcore counts each registered module's forward FLOPs for one sample once (fvcore counts
-one multiply-add as one FLOP; torch.utils.flop_counter counts it as two). A forward hook then
-adds per-sample FLOPs x batch size for every forward pass a client runs; a forward run with
-autograd enabled is assumed to be backpropagated and is charged 3x (forward + backward counted
-as 2x forward, the usual convention). That charges a frozen model's backward pass in full, so a
-method that trains only an adapter is, if anything, over-charged.
+FLOPs, with one convention throughout: a multiply-add is 1 FLOP (fvcore's; torch's
+FlopCounterMode counts 2, so its counts are halved here).
+- Training (`FlopMeter.step`, used by `Client.fit` for every SGD step): the first step of each
+  (loss function, trainable parameters, batch shape) runs under torch.utils.flop_counter's
+  FlopCounterMode, which sees the forward ops and the backward ops autograd really executes (a
+  frozen layer's weight gradient is not computed, so it costs nothing; the first layer's input
+  gradient neither); later steps with the same key are charged the same count.
+- Inference (`FlopMeter.count`, used by `Client.infer`): fvcore's forward FLOPs of each tracked
+  module for one sample, x batch size, per forward pass. `per_sample` holds these figures, which
+  the tables show; a test checks that FlopCounterMode and fvcore agree on forward passes.
+Evaluation is not client training work and is not charged; server compute is not metered.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ class FlopMeter:
         self._cache: dict[tuple, int] = {}
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self.tracked_params: set[int] = set()
+        self.step_flops: dict[tuple, int] = {}  # training-step key -> FLOPs of one step
 
     def track(self, module: nn.Module, in_shape: tuple[int, ...], label: str) -> nn.Module:
         """Measure `module` (again, if it changed) and charge its forward passes from now on."""
@@ -67,7 +73,7 @@ class FlopMeter:
         def hook(mod, args, output):
             if self.counting:
                 n = args[0].shape[0] if args and torch.is_tensor(args[0]) else 1
-                self.total += flops * n * (3 if torch.is_grad_enabled() else 1)
+                self.total += flops * n
 
         self._hooks[id(module)] = module.register_forward_hook(hook)
         self.tracked_params.update(id(p) for p in module.parameters())
@@ -78,5 +84,23 @@ class FlopMeter:
         prev, self.counting = self.counting, True
         try:
             yield
+        finally:
+            self.counting = prev
+
+    @contextmanager
+    def step(self, key: tuple):
+        """Charge one training step (the forward and backward passes run inside the block): the
+        first step of a key is measured with FlopCounterMode, later ones reuse the count."""
+        prev, self.counting = self.counting, False  # the inference hooks stay silent in a step
+        try:
+            if key in self.step_flops:
+                yield
+            else:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as fc:
+                    yield
+                self.step_flops[key] = fc.get_total_flops() // 2
+            self.total += self.step_flops[key]
         finally:
             self.counting = prev

@@ -1,9 +1,31 @@
-"""The round loop: sample participants, exchange messages phase by phase, meter, evaluate."""
+"""The round loop: sample participants, exchange messages phase by phase, meter, evaluate.
+
+Every engine (this in-process one, Flower) is built from the same three pieces: `client_step`
+(what a client does with one message), `evaluate_client` (what a client reports at an
+evaluation) and `Recorder` (how the per-round numbers become rounds.csv and summary.json).
+
+The evaluation protocol, i.e. what every accuracy figure means (tests/test_protocol.py pins each):
+- At round 0 (before training), every --eval-every rounds and at the last round, EVERY client is
+  evaluated on its validation split and on its test split (both partitioned with the client's
+  class shares). A client that has not participated yet has not run the method's set-up (a real
+  federation's client starts when it is first contacted): it is evaluated with its untouched
+  model, and counted as never-participated.
+- Per round: the unweighted mean over clients (the paper's), the sample-weighted accuracy
+  sum(correct) / sum(n) over clients (HtFLlib's), min / max / std over clients, and the mean
+  over the clients that have participated at least once.
+- The accuracy of a run, `selected_mean_acc`, is the mean test accuracy at the evaluated round
+  (>= 1) with the best mean *validation* accuracy (the earliest on ties). `best_mean_acc` (the
+  best mean test accuracy over rounds >= 1: what the paper's tables report, optimistic since
+  it selects on test) and `final_mean_acc` (the last round) are kept as further columns.
+- A run has converged when the best mean validation accuracy of its last 20% of rounds
+  improves the best of the earlier evaluated rounds by less than CONVERGENCE_POINTS.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,17 +34,23 @@ import torch
 from mhpfl.config import RunConfig, library_versions
 from mhpfl.datasets import PartitionSpec, federate
 from mhpfl.engine.context import Client, Server
-from mhpfl.messages import Upload
-from mhpfl.engine.meter import FlopMeter, message_bytes
+from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
+from mhpfl.messages import Message, Upload, message_bytes
 from mhpfl.methods import Method, get_method
 from mhpfl.models import zoo_archs
-from mhpfl.seeding import np_rng
+from mhpfl.seeding import np_rng, seed_torch
 
 TIMING_FIELDS = ("wall_seconds",)
-ROUND_COLUMNS = ["round", "mean_acc", "min_acc", "max_acc", "std_acc", "bytes_up", "bytes_down",
-                 "train_flops", "cum_bytes_up", "cum_bytes_down", "cum_train_flops", "wall_seconds"]
+SPLITS = ("val", "test")
+EVAL_BATCH = 1024
+CONVERGENCE_POINTS = 0.5  # gain of the last 20% of rounds' best validation mean that still counts as converged
+CONVERGENCE_TAIL = 0.2
+ROUND_COLUMNS = ["round", "mean_acc", "weighted_acc", "mean_val_acc", "weighted_val_acc",
+                 "mean_acc_participated", "participated", "min_acc", "max_acc", "std_acc",
+                 "bytes_up", "bytes_down", "train_flops", "cum_bytes_up", "cum_bytes_down",
+                 "cum_train_flops", "wall_seconds"]
 
 
 def wire(message: Any, method: str, direction: str) -> dict[str, torch.Tensor]:
@@ -44,20 +72,197 @@ def participants(cfg: RunConfig, round_: int) -> list[int]:
     return sorted(np_rng(cfg.seed, "sample", round_).choice(cfg.clients, m, replace=False).tolist())
 
 
+# ---- a client's side ------------------------------------------------------------------------------
+def client_step(method: Method, client: Client, round_: int, phase: str, down: Message) -> Message:
+    """One client's work on one message: its set-up if this is its first participation (metered
+    in this round), then the method's update; returns the wired upload."""
+    if not client.ready:
+        client.start_update(round_, "setup")
+        seed_torch(client.cfg.seed, "setup", client.cid)  # set-up that draws from torch's global RNG
+        method.init_client(client)
+        client.ready = True
+    client.start_update(round_, phase)
+    return wire(method.client_update(client, down, phase), method.name, "client")
+
+
 @torch.no_grad()
-def evaluate(method: Method, clients: list[Client]) -> dict[str, np.ndarray]:
-    """Personalized test accuracy (percent) of every client, for each of the method's heads."""
-    accs = {h: np.zeros(len(clients)) for h in method.eval_heads}
-    for i, c in enumerate(clients):
-        for m in c.modules:
-            m.eval()
-        test = c.data.test
+def evaluate_client(method: Method, client: Client) -> dict[str, int]:
+    """Correct predictions of every head on the client's validation and test splits:
+    {"HEAD/SPLIT": correct, "n/SPLIT": samples}. Before its set-up a client predicts with its
+    untouched model (every head alike)."""
+    for m in client.modules:
+        m.eval()
+    out: dict[str, int] = {}
+    for split in SPLITS:
+        data = getattr(client.data, split)
+        out[f"n/{split}"] = len(data)
         for h in method.eval_heads:
             correct = 0
-            for x, y in test.batches(1024, shuffle=False):
-                correct += int((method.predict(c, x, h).argmax(1) == y).sum())
-            accs[h][i] = 100.0 * correct / len(test)
-    return accs
+            for x, y in data.batches(EVAL_BATCH, shuffle=False):
+                scores = method.predict(client, x, h) if client.ready else client.model(x)
+                correct += int((scores.argmax(1) == y).sum())
+            out[f"{h}/{split}"] = correct
+    return out
+
+
+def evaluate(method: Method, clients: Sequence[Client]) -> dict[str, np.ndarray]:
+    """Personalized test accuracy (percent) of every client, for each of the method's heads."""
+    evals = [evaluate_client(method, c) for c in clients]
+    return {h: _acc(evals, h, "test") for h in method.eval_heads}
+
+
+def _acc(evals: Sequence[Mapping[str, int]], head: str, split: str) -> np.ndarray:
+    """Per-client accuracy (percent; NaN for a client without samples in the split)."""
+    n = np.array([e[f"n/{split}"] for e in evals], dtype=float)
+    c = np.array([e[f"{head}/{split}"] for e in evals], dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, 100.0 * c / n, np.nan)
+
+
+def _weighted(evals: Sequence[Mapping[str, int]], head: str, split: str) -> float:
+    n = sum(e[f"n/{split}"] for e in evals)
+    return 100.0 * sum(e[f"{head}/{split}"] for e in evals) / n if n else float("nan")
+
+
+# ---- bookkeeping shared by every engine -----------------------------------------------------------
+class Recorder:
+    """Turns what an engine measured (bytes sent, FLOPs run, participation, per-client
+    evaluations) into rounds.csv (written atomically after every evaluation) and summary.json."""
+
+    def __init__(self, cfg: RunConfig, method: Method, client_archs: list[str],
+                 client_train_samples: list[int], out: str | Path | None = None,
+                 on_round: Callable[[dict], None] | None = None):
+        self.cfg, self.method, self.heads = cfg, method, tuple(method.eval_heads)
+        self.archs, self.train_samples = client_archs, client_train_samples
+        self.out = OutputDir(out).path if out is not None else None
+        self.on_round = on_round
+        self.t0 = self.last_time = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        self.per_client: list[dict[str, np.ndarray]] = []  # per evaluated round: head/split -> accs
+        self.participation = np.zeros(cfg.clients, dtype=int)
+        self.cum = {"bytes_up": 0, "bytes_down": 0, "train_flops": 0}
+        self.pending = {"bytes_up": 0, "bytes_down": 0}
+        self.last_flops = 0
+
+    def participate(self, cids: Sequence[int]) -> None:
+        self.participation[list(cids)] += 1
+
+    def traffic(self, down: int, up: int) -> None:
+        self.pending["bytes_down"] += down
+        self.pending["bytes_up"] += up
+
+    def record(self, round_: int, evals: Sequence[Mapping[str, int]], flops_total: int) -> dict:
+        """One evaluated round: `evals[i]` is client i's `evaluate_client`; `flops_total` the
+        clients' cumulative training FLOPs so far."""
+        now = time.perf_counter()
+        row: dict[str, Any] = {"round": round_, **self.pending, "train_flops": flops_total - self.last_flops,
+                               "wall_seconds": round(now - self.last_time, 3)}
+        for k in ("bytes_up", "bytes_down", "train_flops"):
+            self.cum[k] += row[k]
+            row[f"cum_{k}"] = self.cum[k]
+        joined = self.participation > 0
+        row["participated"] = int(joined.sum())
+        accs = {}
+        for i, h in enumerate(self.heads):
+            sfx = "" if i == 0 else f"_{h}"
+            test, val = _acc(evals, h, "test"), _acc(evals, h, "val")
+            accs[f"{h}/test"], accs[f"{h}/val"] = test, val
+            row.update({f"mean_acc{sfx}": float(np.nanmean(test)), f"weighted_acc{sfx}": _weighted(evals, h, "test"),
+                        f"mean_val_acc{sfx}": _nanmean(val), f"weighted_val_acc{sfx}": _weighted(evals, h, "val"),
+                        f"mean_acc_participated{sfx}": _nanmean(test[joined]),
+                        f"min_acc{sfx}": float(np.nanmin(test)), f"max_acc{sfx}": float(np.nanmax(test)),
+                        f"std_acc{sfx}": float(np.nanstd(test))})
+        self.rows.append(row)
+        self.per_client.append(accs)
+        self.pending = {"bytes_up": 0, "bytes_down": 0}
+        self.last_flops, self.last_time = flops_total, now
+        if self.out is not None:
+            cols = ROUND_COLUMNS + [c for c in row if c not in ROUND_COLUMNS]
+            atomic_write_text(self.out / "rounds.csv", pd.DataFrame(self.rows)[cols].to_csv(index=False))
+        if self.on_round is not None:
+            self.on_round(row)
+        return row
+
+    def selected_index(self, head: str | None = None) -> tuple[int, str]:
+        """Index into rows of the validation-selected round (rounds >= 1), and how it was chosen."""
+        sfx = "" if head in (None, self.heads[0]) else f"_{head}"
+        trained = [i for i, r in enumerate(self.rows) if r["round"] >= 1] or [len(self.rows) - 1]
+        val = np.array([self.rows[i][f"mean_val_acc{sfx}"] for i in trained], dtype=float)
+        if np.all(np.isnan(val)):
+            return trained[-1], "final round (no validation data)"
+        return trained[int(np.nanargmax(val))], "best mean validation accuracy"
+
+    def convergence(self) -> dict[str, Any]:
+        rounds = np.array([r["round"] for r in self.rows])
+        val = np.array([r["mean_val_acc"] for r in self.rows], dtype=float)
+        tail = rounds > (1 - CONVERGENCE_TAIL) * self.cfg.rounds
+        if not tail.any() or tail.all() or np.all(np.isnan(val[tail])) or np.all(np.isnan(val[~tail])):
+            return {"converged": False, "gain": None, "reason": "too few evaluated rounds or no validation data"}
+        gain = float(np.nanmax(val[tail]) - np.nanmax(val[~tail]))
+        return {"converged": gain < CONVERGENCE_POINTS, "gain": gain, "threshold": CONVERGENCE_POINTS,
+                "tail_from_round": int(rounds[tail].min())}
+
+    def summary(self, flops_per_sample: Mapping[str, int], **extra: Any) -> dict[str, Any]:
+        head = self.heads[0]
+        cls = type(self.method)
+        sel, how = self.selected_index()
+        trained = [r for r in self.rows if r["round"] >= 1] or self.rows[-1:]
+        final, fin_acc = self.rows[-1], self.per_client[-1][f"{head}/test"]
+        best_per_client = np.nanmax(np.stack([a[f"{head}/test"] for a, r in zip(self.per_client, self.rows)
+                                              if r["round"] >= 1] or [fin_acc]), axis=0)
+        conv = self.convergence()
+        s: dict[str, Any] = {
+            "method": cls.name,
+            "method_version": cls.version,
+            "engine": extra.pop("engine", "inprocess"),
+            "config": {**self.cfg.to_dict(), "method_options": dict(self.method.hp), "versions": library_versions()},
+            "extra_data": cls.extra_data,
+            "selected_mean_acc": self.rows[sel]["mean_acc"],
+            "selected_round": self.rows[sel]["round"],
+            "selection": how,
+            "selected_val_mean_acc": self.rows[sel]["mean_val_acc"],
+            "selected_weighted_acc": self.rows[sel]["weighted_acc"],
+            "selected_mean_acc_participated": self.rows[sel]["mean_acc_participated"],
+            "best_mean_acc": max(r["mean_acc"] for r in trained),
+            "final_mean_acc": final["mean_acc"],
+            "final_weighted_acc": final["weighted_acc"],
+            "final_mean_acc_participated": final["mean_acc_participated"],
+            "final_min_acc": final["min_acc"],
+            "final_max_acc": final["max_acc"],
+            "final_std_acc": final["std_acc"],
+            "per_client_selected_acc": _list(self.per_client[sel][f"{head}/test"]),
+            "per_client_best_acc": _list(best_per_client),
+            "per_client_final_acc": _list(fin_acc),
+            "participation": self.participation.tolist(),
+            "never_participated": int((self.participation == 0).sum()),
+            "converged": conv["converged"],
+            "convergence": conv,
+            "bytes_up": self.cum["bytes_up"],
+            "bytes_down": self.cum["bytes_down"],
+            "train_flops": self.cum["train_flops"],
+            "flops_per_sample": dict(sorted(flops_per_sample.items())),
+            "client_archs": list(self.archs),
+            "client_train_samples": list(self.train_samples),
+            "rounds_run": self.cfg.rounds,
+            "wall_seconds": round(time.perf_counter() - self.t0, 3),
+            **extra,
+        }
+        for h in self.heads[1:]:
+            hs, _ = self.selected_index(h)
+            s[f"selected_mean_acc_{h}"] = self.rows[hs][f"mean_acc_{h}"]
+            s[f"best_mean_acc_{h}"] = max(r[f"mean_acc_{h}"] for r in trained)
+            s[f"final_mean_acc_{h}"] = final[f"mean_acc_{h}"]
+        if self.out is not None:
+            atomic_write_json(self.out / "summary.json", s)
+        return s
+
+
+def _nanmean(a: np.ndarray) -> float:
+    return float(np.nanmean(a)) if a.size and not np.all(np.isnan(a)) else float("nan")
+
+
+def _list(a: np.ndarray) -> list:
+    return [None if np.isnan(v) else float(v) for v in a]
 
 
 class OutputDir:
@@ -73,116 +278,82 @@ class OutputDir:
                             "choose a writable directory") from None
 
 
+# ---- the in-process engine ------------------------------------------------------------------------
+@dataclass
+class Federation:
+    """Every client and the server of one run, in this process."""
+
+    cfg: RunConfig
+    method: Method
+    clients: list[Client]
+    server: Server
+    meter: FlopMeter
+    public_size: int
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> "Federation":
+        cfg.validate()
+        method = get_method(cfg.method)(**cfg.method_options)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
+                        data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
+                        public_size=cfg.public_size, train_fraction=cfg.train_fraction,
+                        augment=cfg.augment, device=cfg.device, public=cfg.public)
+        meter = FlopMeter()
+        clients = [Client(i, arch, data.clients[i], data.public, data.info, cfg, meter, method.name)
+                   for i, arch in enumerate(zoo_archs(cfg.zoo, cfg.clients))]
+        server = Server(cfg, data.info, len(data.public))
+        method.init_server(server)
+        return cls(cfg, method, clients, server, meter, len(data.public))
+
+    def evaluate(self) -> list[dict[str, int]]:
+        return [evaluate_client(self.method, c) for c in self.clients]
+
+    def play_round(self, r: int, rec: Recorder | None = None) -> list[int]:
+        """Round r: every phase's messages down, client updates, uploads up, aggregation.
+        Returns the participants."""
+        method, server = self.method, self.server
+        server.start_round(r)
+        cids = participants(self.cfg, r)
+        if rec is not None:
+            rec.participate(cids)
+        for phase in method.phases:
+            uploads = []
+            for cid in cids:
+                down = wire(method.server_message(server, cid, phase), method.name, "server")
+                up = client_step(method, self.clients[cid], r, phase, down)
+                if rec is not None:
+                    rec.traffic(message_bytes(down), message_bytes(up))
+                uploads.append(Upload(cid, self.clients[cid].num_train, up))
+            method.aggregate(server, uploads, phase)
+        return cids
+
+
 def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
         on_round: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run one federated experiment; write `out`/rounds.csv as it goes and `out`/summary.json
     at the end. Returns the summary."""
     cfg.validate()
-    outdir = OutputDir(out) if out is not None else None
-    t0 = time.perf_counter()
-    cls = get_method(cfg.method)
-    method = cls(**cfg.method_options)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    data = federate(cfg.dataset, cfg.clients, PartitionSpec.parse(cfg.partition), cfg.seed,
-                    data_root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
-                    public_size=cfg.public_size, train_fraction=cfg.train_fraction,
-                    augment=cfg.augment, device=cfg.device, public=cfg.public)
-    meter = FlopMeter()
-    clients = [Client(i, arch, data.clients[i], data.public, data.info, cfg, meter, cls.name)
-               for i, arch in enumerate(zoo_archs(cfg.zoo, cfg.clients))]
-    server = Server(cfg, data.info, len(data.public))
-
-    rows: list[dict[str, Any]] = []
-    best = {h: np.full(cfg.clients, -1.0) for h in cls.eval_heads}
-    best_mean = {h: -1.0 for h in cls.eval_heads}
-    cum = {"bytes_up": 0, "bytes_down": 0, "train_flops": 0}
-    pending = {"bytes_up": 0, "bytes_down": 0}
-    last = {"flops": 0, "time": time.perf_counter()}
-    final: dict[str, np.ndarray] = {}
-
-    def record(round_: int) -> None:
-        nonlocal final
-        accs = evaluate(method, clients)
-        final = accs
-        now = time.perf_counter()
-        row = {"round": round_, "bytes_up": pending["bytes_up"], "bytes_down": pending["bytes_down"],
-               "train_flops": meter.total - last["flops"], "wall_seconds": round(now - last["time"], 3)}
-        for k in ("bytes_up", "bytes_down", "train_flops"):
-            cum[k] += row[k]
-            row[f"cum_{k}"] = cum[k]
-        for i, h in enumerate(cls.eval_heads):
-            a = accs[h]
-            sfx = "" if i == 0 else f"_{h}"
-            row.update({f"mean_acc{sfx}": a.mean(), f"min_acc{sfx}": a.min(), f"max_acc{sfx}": a.max(),
-                        f"std_acc{sfx}": a.std()})
-            best[h] = np.maximum(best[h], a)
-            best_mean[h] = max(best_mean[h], float(a.mean()))
-        rows.append(row)
-        pending.update(bytes_up=0, bytes_down=0)
-        last.update(flops=meter.total, time=now)
-        if outdir is not None:
-            cols = ROUND_COLUMNS + [c for c in row if c not in ROUND_COLUMNS]
-            atomic_write_text(outdir.path / "rounds.csv", pd.DataFrame(rows)[cols].to_csv(index=False))
-        if on_round is not None:
-            on_round(row)
-
-    # setup (round 0): clients' one-off work (e.g. FedMD's transfer learning) is metered too
-    for c in clients:
-        c.start_update(0, "setup")
-        method.init_client(c)
-    method.init_server(server)
-    record(0)
-
+    if out is not None:
+        OutputDir(out)  # an unwritable --out fails before any data is loaded
+    fed = Federation.build(cfg)
+    rec = Recorder(cfg, fed.method, [c.arch for c in fed.clients], [c.num_train for c in fed.clients],
+                   out, on_round)
+    rec.record(0, fed.evaluate(), fed.meter.total)
     bar = _progress(cfg, progress)
     for r in range(1, cfg.rounds + 1):
-        server.start_round(r)
-        for phase in cls.phases:
-            uploads = []
-            for cid in participants(cfg, r):
-                down = wire(method.server_message(server, cid, phase), cls.name, "server")
-                pending["bytes_down"] += message_bytes(down)
-                clients[cid].start_update(r, phase)
-                up = wire(method.client_update(clients[cid], down, phase), cls.name, "client")
-                pending["bytes_up"] += message_bytes(up)
-                uploads.append(Upload(cid, clients[cid].num_train, up))
-            method.aggregate(server, uploads, phase)
+        fed.play_round(r, rec)
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            record(r)
+            rec.record(r, fed.evaluate(), fed.meter.total)
         if bar is not None:
-            sent = cum["bytes_up"] + cum["bytes_down"] + pending["bytes_up"] + pending["bytes_down"]
-            bar.set_postfix_str(f"acc {rows[-1]['mean_acc']:.2f}% (round {rows[-1]['round']})  sent {_human(sent)}",
+            last = rec.rows[-1]
+            sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
+            bar.set_postfix_str(f"acc {last['mean_acc']:.2f}% (round {last['round']})  sent {_human(sent)}",
                                 refresh=False)
             bar.update(1)
     if bar is not None:
         bar.close()
-
-    head = cls.eval_heads[0]
-    summary: dict[str, Any] = {
-        "method": cls.name,
-        "method_version": cls.version,
-        "config": {**cfg.to_dict(), "method_options": dict(method.hp), "versions": library_versions()},
-        "best_mean_acc": best_mean[head],
-        "final_mean_acc": float(final[head].mean()),
-        "final_min_acc": float(final[head].min()),
-        "final_max_acc": float(final[head].max()),
-        "final_std_acc": float(final[head].std()),
-        "per_client_best_acc": best[head].tolist(),
-        "per_client_final_acc": final[head].tolist(),
-        "bytes_up": cum["bytes_up"],
-        "bytes_down": cum["bytes_down"],
-        "train_flops": cum["train_flops"],
-        "flops_per_sample": dict(sorted(meter.per_sample.items())),
-        "client_archs": [c.arch for c in clients],
-        "client_train_samples": [c.num_train for c in clients],
-        "rounds_run": cfg.rounds,
-        "wall_seconds": round(time.perf_counter() - t0, 3),
-    }
-    for h in cls.eval_heads[1:]:
-        summary[f"best_mean_acc_{h}"] = best_mean[h]
-        summary[f"final_mean_acc_{h}"] = float(final[h].mean())
-    if outdir is not None:
-        atomic_write_json(outdir.path / "summary.json", summary)
-    return summary
+    return rec.summary(fed.meter.per_sample, public_size=fed.public_size)
 
 
 def _progress(cfg: RunConfig, enabled: bool):

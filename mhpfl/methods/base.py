@@ -56,6 +56,9 @@ class Method(ABC):
     phases: ClassVar[tuple[str, ...]] = ("round",)
     zoos: ClassVar[tuple[str, ...]] = ("hetero", "homo")  # model zoos the method supports
     eval_heads: ClassVar[tuple[str, ...]] = ("model",)  # first one is the reported accuracy
+    # data beyond the clients' private sets that the method uses (None: none). Tables mark such
+    # methods, and the headline compares pFedLoRA with the baselines that use no extra data.
+    extra_data: ClassVar[str | None] = None
 
     def __init__(self, **opts: Any):
         from mhpfl.errors import UserError
@@ -74,7 +77,9 @@ class Method(ABC):
 
     # ---- client side -------------------------------------------------------------------
     def init_client(self, client: "Client") -> None:
-        """Set up what the client keeps between rounds (before round 1)."""
+        """Set up what the client keeps between rounds; runs when the client first participates
+        (its work is metered in that round). Before it, the client predicts with its untouched
+        model."""
 
     @abstractmethod
     def client_update(self, client: "Client", message: Message, phase: str) -> Message:

@@ -1,12 +1,15 @@
 """FedMD (Li & Wang 2019, arXiv 1910.03581): model distillation through class scores on public data.
 
-Public data: the labelled public pool that no client owns (`client.public`): by default the
-first 5,000 samples held out of the dataset's training pool (run settings --public-size and
---public heldout|DATASET).
+Public data: the labelled public pool that no client owns (`client.public`): by default a slice
+held out of the dataset's training pool as large as a client's mean private set (run settings
+--public-size, scaled by --train-fraction, and --public heldout|DATASET). FedMD is the only
+method here that uses data beyond the clients' own (`extra_data`): tables mark it, and the
+headline compares pFedLoRA with the data-free baselines.
 
 Client k keeps: its heterogeneous model F_k (never sent).
-Before round 1 (transfer learning, once; metered as round 0): train F_k on the labelled public
-pool for --transfer-public-epochs, then on its private data for --transfer-private-epochs.
+Set-up (transfer learning, once, when the client first participates; metered in that round):
+train F_k on the labelled public pool for --transfer-public-epochs, then on its private data for
+--transfer-private-epochs.
 One round on a participant, in two phases:
   communicate: the server sends the round's public subset (indices, int64), drawn afresh each
       round with the server's seeded stream; the client uploads F_k's class scores (logits,
@@ -50,6 +53,7 @@ class FedMD(Method):
     name = "fedmd"
     description = "class scores on a public subset averaged into a consensus; clients digest it, then revisit private data"
     phases = ("communicate", "digest")
+    extra_data = "labelled public data"
     options = {
         "public_subset": Option(5000, "public samples drawn per round for the consensus (capped at --public-size)"),
         "digest_epochs": Option(1, "epochs of training toward the consensus on the public subset"),
@@ -72,12 +76,16 @@ class FedMD(Method):
     def _check_public(size: int) -> None:
         if size == 0:
             raise UserError("fedmd needs a public pool: set --public-size to a positive number "
-                            "(at most --val-size)")
+                            "(at most --val-size; it is scaled by --train-fraction)")
 
     # ---- client: keeps F_k -------------------------------------------------------------
     def init_client(self, client):
-        """Transfer learning, once before round 1: public pool, then private data."""
+        """Transfer learning, once at the first participation: public pool, then private data."""
         self._check_public(len(client.public))
+        if self.transfer_public_epochs and int(client.public.y.max()) >= client.num_classes:
+            raise UserError(f"fedmd: the public data's labels go beyond the clients' {client.num_classes} "
+                            "classes and cannot train their heads; set --transfer-public-epochs 0 (public "
+                            "data then serves the consensus only) or choose another --public")
         model = client.model
 
         def ce(x, y):

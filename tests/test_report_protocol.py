@@ -1,0 +1,60 @@
+"""The report's definitions on hand-made runs: which accuracy a table shows, the extra-data mark,
+the data-free headline, the paired interval over seeds, the convergence mark."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from mhpfl.benchmark.report import ACC_VIEWS, Results, accuracy_tables, paired_difference
+
+METHODS = ["fedmd", "fd", "pfedlora"]
+ACCS = {"pfedlora": [80.0, 82.0, 84.0], "fd": [79.0, 80.0, 84.0], "fedmd": [90.0, 91.0, 92.0]}
+
+
+def results(converged: bool = True) -> Results:
+    rows = []
+    for m in METHODS:
+        for seed, a in enumerate(ACCS[m]):
+            row = {"setting": "S", "method": m, "seed": seed, "group": "main", "key": f"{m}{seed}",
+                   "converged": converged or m != "fd", "extra_data": "labelled public data" if m == "fedmd" else None,
+                   "public_size": 120 if m == "fedmd" else None}
+            row.update({col: a + i for i, col in enumerate(ACC_VIEWS)})  # each view a distinct number
+            rows.append(row)
+    plan = {"suite": "t", "methods": METHODS,
+            "settings": [{"name": "S", "label": "FMNIST (10, 100%)", "methods": METHODS, "skipped": []}],
+            "report": {"reference": "pfedlora", "baselines": ["fedmd", "fd"]},
+            "entries": [{"group": "main", "method": m} for m in METHODS]}
+    return Results(None, plan, pd.DataFrame(rows), {}, [])
+
+
+def test_paired_difference_is_a_t_interval_over_seeds():
+    d = paired_difference(results(), "S", "pfedlora", "fd")
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # differences 1, 2, 0: mean 1, sd 1
+    assert d["n"] == 3 and d["mean"] == pytest.approx(1.0)
+    assert (d["lo"], d["hi"]) == pytest.approx((1 - half, 1 + half))
+
+
+def test_main_table_shows_the_validation_selected_accuracy_and_marks_extra_data():
+    md, tex, csv = accuracy_tables(results())
+    main = md.split("\n## ")[0]
+    assert "| FedMD† | **91.00 ± 1.00** |" in main  # selected accuracy ("acc"), the mean over 3 seeds
+    assert "at the round with the best mean validation accuracy" in main
+    assert "FedMD† uses labelled public data (public pool: 120 samples in FMNIST (10, 100%))" in main
+    # the headline margin is against the best data-free baseline (FD), FedMD on its own line
+    assert "| pFedLoRA − best data-free baseline | +1.00 (vs FD) |" in main
+    assert "| pFedLoRA − FedMD† | -9.00 |" in main
+    # the other views follow, each with its own caption
+    for col, (_, text) in ACC_VIEWS.items():
+        if col != "acc":
+            assert text[1:] in md
+    assert r"FedMD$^\dagger$" in tex
+    assert "acc_participated_mean" in csv.splitlines()[0]
+
+
+def test_unconverged_cells_are_marked():
+    md, _, _ = accuracy_tables(results(converged=False))
+    assert "| FD | 81.00 ± 2.65‡ |" in md.split("\n## ")[0]
+    assert "‡: at least one seed did not converge" in md
