@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from mhpfl.telemetry import telemetry_off
 
@@ -65,3 +67,37 @@ def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root)
         assert set(on_disk) - set(ref) == {"engine_version", "flower"}
         assert {k: v for k, v in fl.items() if k not in ENGINE_FIELDS} == \
             {k: v for k, v in ref.items() if k not in ENGINE_FIELDS}, m
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from mhpfl.cli import main
+
+    assert main(["run", "fedavg", "--flower-app", str(tmp_path / "app")]) == 2
+    assert "--flower-app needs --engine flower" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "flwr", None)  # Flower not installed
+    assert main(["run", "fedavg", "--engine", "flower", "--zoo", "homo", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mhpfl-bench[flower]'" in err and "Traceback" not in err
+
+
+def test_a_client_state_the_engine_cannot_keep_is_named():
+    from mhpfl.flower.records import _pack
+    from mhpfl.errors import UserError
+
+    tensors = {}
+    layout = _pack({"a": torch.ones(2), "b": {"c": 3}, "d": [1, "x"]}, "s", tensors, "m")
+    assert set(tensors) == {"s.a"} and layout["d"]["b"] == {"d": {"c": {"v": 3}}}
+    with pytest.raises(UserError, match=r"m: client.state.f holds a set"):
+        _pack({"f": {1, 2}}, "s", {}, "m")
+
+
+def test_messages_travel_as_raw_bytes():
+    from mhpfl.flower.records import from_record, key_bytes, payload_bytes, to_record
+    from mhpfl.messages import message_bytes
+
+    msg = {"w": torch.randn(3, 4), "i": torch.arange(5), "b": torch.tensor([True, False]),
+           "s": torch.tensor(2.5, dtype=torch.float64), "e": torch.zeros(0, 3)}
+    rec = to_record(msg)
+    back = from_record(rec)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in msg.items())
+    assert payload_bytes(rec) == message_bytes(msg) and rec.count_bytes() == message_bytes(msg) + key_bytes(rec)
