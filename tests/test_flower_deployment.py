@@ -1,7 +1,8 @@
 """A real Flower federation on localhost: `flower-superlink`, two `flower-supernode`s (partition
 ids 0 and 1 of 2) and `flwr run` of the Flower App that `mhpfl run --engine flower --flower-app`
-writes. Its summary equals the in-process engine's (which the simulation test equates with
-Flower's simulation runtime). Loopback only; telemetry off."""
+writes. Its bytes, FLOPs and participation equal the in-process engine's (which the simulation
+test equates with Flower's simulation runtime) and its accuracy agrees within 0.5 points.
+Loopback only; telemetry off."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ pytest.importorskip("flwr")
 from mhpfl.cli import main  # noqa: E402
 from mhpfl.engine import run  # noqa: E402
 from tests.conftest import needs_fmnist  # noqa: E402
-from tests.test_flower_engine import ENGINE_FIELDS, small  # noqa: E402
+from tests.test_flower_engine import small  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -84,7 +85,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path, data_root, capsys):
                                       f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port", str(_free_port()),
                                       "--node-config", f"partition-id={pid} num-partitions=2"])
         done = subprocess.run([str(BIN / "flwr"), "run", str(tmp_path / "app"), "local-test", "--stream"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         summary_file = tmp_path / "deployed" / "summary.json"
         assert summary_file.is_file(), (done.stdout[-3000:], done.stderr[-3000:],
                                         *[p.read_text()[-2000:] for p in logs])
@@ -97,7 +98,14 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path, data_root, capsys):
             except subprocess.TimeoutExpired:
                 p.kill()
     deployed = json.loads(summary_file.read_text())
-    ref = run(cfg, out=tmp_path / "inprocess", progress=False)
-    assert deployed["engine"] == "flower"
-    assert {k: v for k, v in deployed.items() if k not in ENGINE_FIELDS} == \
-        {k: v for k, v in json.loads(json.dumps(ref)).items() if k not in ENGINE_FIELDS}
+    ref = json.loads(json.dumps(run(cfg, out=tmp_path / "inprocess", progress=False)))
+    assert deployed["engine"] == "flower" and set(deployed) - set(ref) == {"engine_version", "flower"}
+    # what was sent and run is identical; accuracy within the issue's 0.5 points (Flower's ClientApp
+    # processes do not run single-threaded like this test's in-process run, so not bit-exact)
+    for k in ("bytes_up", "bytes_down", "train_flops", "flops_per_sample", "participation", "client_archs",
+              "client_train_samples", "rounds_run", "config"):
+        assert deployed[k] == ref[k], k
+    f = deployed["flower"]
+    assert deployed["bytes_up"] == f["array_record_count_bytes_up"] - f["array_record_key_bytes_up"]
+    for k in ("selected_mean_acc", "best_mean_acc", "final_mean_acc", "final_weighted_acc"):
+        assert abs(deployed[k] - ref[k]) <= 0.5, (k, deployed[k], ref[k])
