@@ -100,8 +100,8 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path, data_root, capsys):
     deployed = json.loads(summary_file.read_text())
     ref = json.loads(json.dumps(run(cfg, out=tmp_path / "inprocess", progress=False)))
     assert deployed["engine"] == "flower" and set(deployed) - set(ref) == {"engine_version", "flower"}
-    # what was sent and run is identical; accuracy within the 0.5 points (Flower's ClientApp
-    # processes do not run single-threaded like this test's in-process run, so not bit-exact)
+    # what was sent and run is identical; accuracy within the 0.5 points (on this 2-client
+    # configuration Flower, simulated or deployed, is 0.2 points off the in-process engine: open)
     for k in ("bytes_up", "bytes_down", "train_flops", "flops_per_sample", "participation", "client_archs",
               "client_train_samples", "rounds_run", "config"):
         assert deployed[k] == ref[k], k
