@@ -3,7 +3,8 @@
 The training helper `Client.fit` is the one training loop of the suite: it builds the
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
 that is not being trained, clips gradients, stops on a non-finite loss and charges every step's
-FLOPs (forward and the backward autograd really runs) to the meter. Methods describe *what* to train and *with which loss*; never how to loop.
+FLOPs (forward and the backward autograd really runs) to the meter. Methods describe *what* to
+train and *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
