@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch/torchvision: pip resolves them within the machine's cap (torch<=2.14.1 here).
+# The optional extras ray and flower are installed too, so that their tests run (make test, CI).
 TORCH_SPEC ?= torch torchvision
 # Where torch comes from. Default: pip's index (on Linux: the CUDA build, ~6 GB with its CUDA
 # wheels). On a CPU-only machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,flower]'
 	touch $(STAMP)
 
 test: install

@@ -77,6 +77,12 @@ def _run_parser(method_cls=None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run of another configuration in --out (kept until the new one finishes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default): every client in this process; flower: the same method as a "
+                        "Flower app (Message API) in Flower's simulation runtime (pip install 'mhpfl-bench[flower]')")
+    p.add_argument("--flower-app", metavar="DIR", default=None,
+                   help="with --engine flower: write a Flower App for a real federation into DIR instead of "
+                        "simulating (then: flwr run DIR CONNECTION; see docs/scale-out.md)")
     if method_cls is not None:
         _method_options_group(p, method_cls)
     return p
@@ -137,6 +143,8 @@ def cmd_run(argv: list[str]) -> int:
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     cfg = RunConfig(method=args.method, method_options=opts, **fields)
     cfg.validate()  # every impossible setting fails here, before any data is loaded
+    if args.flower_app and args.engine != "flower":
+        raise UserError("--flower-app needs --engine flower")
 
     import os
     import shutil
@@ -145,7 +153,15 @@ def cmd_run(argv: list[str]) -> int:
     from mhpfl.results import DamagedResult, load_summary
 
     key = run_key(cfg)
-    out = Path(args.out or f"runs/{cfg.method}-{cfg.dataset}-N{cfg.clients}-seed{cfg.seed}-{key[:8]}")
+    engine = "" if args.engine == "inprocess" else f"-{args.engine}"
+    out = Path(args.out or f"runs/{cfg.method}-{cfg.dataset}-N{cfg.clients}-seed{cfg.seed}-{key[:8]}{engine}")
+    if args.flower_app:
+        from mhpfl import flower
+
+        app = flower.write_app(cfg, args.flower_app, str(out))
+        print(f"wrote the Flower App {app}/pyproject.toml; with a SuperLink and SuperNodes running, submit it "
+              f"with: flwr run {app} CONNECTION --stream   (results go to {out.resolve()})")
+        return 0
     replace = False
     if (out / "summary.json").exists():
         try:
@@ -155,6 +171,8 @@ def cmd_run(argv: list[str]) -> int:
                 raise UserError(f"{e}; or pass --overwrite to run into {out} anyway") from None
         else:
             same, diff = _same_run(old, cfg, key)
+            if same and old.get("engine", "inprocess") != args.engine:
+                same, diff = False, f"engine {old.get('engine', 'inprocess')} -> {args.engine}"
             if same and not args.force:
                 print(f"already finished (same configuration; --force to run it again): {_result_line(old, out)}")
                 return 0
@@ -163,7 +181,10 @@ def cmd_run(argv: list[str]) -> int:
                                 "another --out (or leave --out out), or pass --overwrite to replace it")
         replace = True
 
-    from mhpfl.engine import run
+    if args.engine == "flower":
+        from mhpfl.flower import run_flower as run
+    else:
+        from mhpfl.engine import run
 
     target = out.with_name(f".{out.name}.inflight.{os.getpid()}") if replace else out
     try:
@@ -251,7 +272,7 @@ def cmd_compare(argv: list[str]) -> int:
     rows = []
     for d, s, f in zip(args.runs, summaries, flat):
         r = max(s["rounds_run"], 1)
-        rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
+        rows.append({"run": d, "method": s["method"], "engine": s.get("engine", "inprocess"), "seed": f.get("--seed"),
                      **{k: f.get(k, "") for k in differ},
                      "acc % (val-selected)": round(s["selected_mean_acc"], 2),
                      "best acc % (on test)": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),

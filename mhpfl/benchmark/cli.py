@@ -46,12 +46,36 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--target", type=float, default=None, help="accuracy target (%%) of the cost table")
     _common(p)
+    g = p.add_argument_group("executor (where the runs run)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (--jobs); ray: Ray tasks on a local Ray instance "
+                        "or a cluster (--address); needs pip install 'mhpfl-bench[ray]'")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local "
+                        "Ray instance)")
+    g.add_argument("--run-cpus", type=float, default=1.0, help="CPUs each run reserves on Ray (default 1)")
+    g.add_argument("--run-gpus", type=float, default=None,
+                   help="GPUs each run reserves on Ray, fractions allowed (0.25: four runs share a GPU; "
+                        "default 1 with --device cuda, else 0)")
+    g.add_argument("--max-retries", type=int, default=2,
+                   help="Ray retries of a run whose worker or node died (default 2)")
     args = p.parse_args(argv)
     from mhpfl.benchmark.report import check_target, write_report
     from mhpfl.benchmark.runner import finished, run_suite
     from mhpfl.benchmark.suite import load_suite
 
     check_target(args.target)  # before any training
+    ray_opts = None
+    if args.executor == "ray":
+        from mhpfl.benchmark.ray_executor import RayOptions
+
+        if args.jobs != 1:
+            raise UserError("--jobs is for --executor local; with --executor ray every run is a Ray task "
+                            "(size them with --run-cpus / --run-gpus)")
+        ray_opts = RayOptions(address=args.address, run_cpus=args.run_cpus, run_gpus=args.run_gpus,
+                              max_retries=args.max_retries)
+    elif args.address or args.run_gpus is not None:
+        raise UserError("--address and --run-gpus need --executor ray")
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
     if args.dry_run:
@@ -64,7 +88,8 @@ def cmd_bench(argv: list[str]) -> int:
             print(f"{i + 1:4d}. {state:<7} {e.run_id:<48} rounds {c.rounds}  N {c.clients}  C {c.frac:g}  "
                   f"train fraction {c.train_fraction:g}  key {e.key}")
         return 0
-    res = run_suite(suite, out, force=args.force, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    res = run_suite(suite, out, force=args.force, jobs=args.jobs, threads=args.threads, progress=not args.quiet,
+                    executor=args.executor, ray=ray_opts)
     if res.trained or res.failed:
         print(f"suite {suite.name}: {res.trained} run(s) trained in {res.wall_seconds / 60:.1f} min, "
               f"{res.cached} cached, {len(res.failed)} failed")

@@ -85,7 +85,7 @@ def _stage_debian_fmnist(root: Path) -> None:
         return
     raw.mkdir(parents=True, exist_ok=True)
     for f in FMNIST_FILES:
-        tmp = raw / f".{f}.tmp"
+        tmp = raw / f".{f}.{os.getpid()}.tmp"  # concurrent runs stage side by side
         with gzip.open(DEBIAN_FMNIST / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / f)
@@ -149,6 +149,19 @@ def _torchvision(name: str, root: Path, download: bool):
         hint = f"place {info.archive} (from https://www.cs.toronto.edu/~kriz/) in {root}"
     how = f" ({cause})" if cause and download else ""
     raise UserError(f"{name} not found under {root}{how}; {hint}, or pass --data-root DIR")
+
+
+def dataset_present(name: str, root: str | None = None) -> bool:
+    """Whether `name` can be loaded from `root` on this machine without downloading (the files
+    torchvision reads, CIFAR's archive, or Debian's Fashion-MNIST package to stage from)."""
+    info = dataset_info(name)
+    root_p = Path(root) if root else default_data_root()
+    if name == "fmnist":
+        raw = root_p / "FashionMNIST" / "raw"
+        return (all((raw / f).exists() for f in FMNIST_FILES)
+                or all((DEBIAN_FMNIST / f"{f}.gz").exists() for f in FMNIST_FILES))
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    return (root_p / folder).is_dir() or (root_p / info.archive).is_file()
 
 
 @functools.lru_cache(maxsize=4)
