@@ -208,18 +208,8 @@ def cmd_list(argv: list[str]) -> int:
 
     print("methods:")
     infos = {n: catalog.method_info(n) for n in BUILTIN}
-    if all(infos.values()):  # fast path: no method module (nor torch) imported
-        from mhpfl.methods import _REGISTERED, _load_plugin, _plugins
-
-        methods: dict = dict(infos)
-        methods.update(_REGISTERED)
-        for name, ep in sorted(_plugins().items()):
-            try:
-                methods[name] = _load_plugin(name, ep)
-            except UserError as e:
-                methods[name] = e
-    else:
-        methods = available_methods()
+    # fast path: with a current catalog no built-in method module (nor torch) is imported
+    methods = available_methods(infos if all(infos.values()) else None)
     for name, cls in methods.items():
         desc = f"BROKEN PLUGIN: {cls}" if isinstance(cls, UserError) else cls.description
         print(f"  {name:<12} {desc}")
