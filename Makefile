@@ -4,7 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch/torchvision: pip resolves them within the machine's cap (torch<=2.14.1 here).
+# The optional extras ray and flower are installed too, so that their tests run (make test, CI).
 TORCH_SPEC ?= torch torchvision
+# Where torch comes from. Default: pip's index (on Linux: the CUDA build, ~6 GB with its CUDA
+# wheels). On a CPU-only machine: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install test bench-smoke bench-time clean
 
@@ -13,19 +17,20 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev,ray,flower]'
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
 
+# Two short runs with a progress bar each (a rerun says "already finished"; --force redoes them).
 bench-smoke: install
-	$(BIN)/mhpfl run standalone --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --quiet --out runs/smoke/standalone
-	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --quiet --out runs/smoke/pfedlora
+	$(BIN)/mhpfl run standalone --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --out runs/smoke/standalone
+	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --out runs/smoke/pfedlora
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
-# The quick suite (CPU, ~30-45 min on 2 cores) and its report into results/quick/. Finished runs
+# The quick suite (CPU; about 144 runs, over an hour on 2 cores) and its report into results/quick/. Finished runs
 # are cached there: rerunning trains nothing. BENCH_ARGS e.g. "--jobs 2" or "--force".
 BENCH_ARGS ?=
 bench: install

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,15 +12,16 @@ from mhpfl.errors import UserError
 RUN_FLAGS = [
     # flag, RunConfig field, type, help
     ("--dataset", "dataset", str, "fmnist | cifar10 | cifar100"),
-    ("--clients", "clients", int, "number of clients N"),
+    ("--clients", "clients", int, "number of clients N; with --partition pathological:K, N*K must be "
+                                  "divisible by the number of classes (10, or 100 on cifar100)"),
     ("--frac", "frac", float, "fraction C of clients sampled per round, in (0, 1]"),
     ("--rounds", "rounds", int, "communication rounds T (the paper: 500)"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round (the paper: 1 or 10)"),
     ("--batch-size", "batch_size", int, "local batch size"),
-    ("--lr", "lr", float, "SGD learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "SGD weight decay"),
-    ("--grad-clip", "grad_clip", float, "gradient-norm clipping (0: off)"),
+    ("--lr", "lr", float, "SGD learning rate, > 0"),
+    ("--momentum", "momentum", float, "SGD momentum, in [0, 1)"),
+    ("--weight-decay", "weight_decay", float, "SGD weight decay, >= 0"),
+    ("--grad-clip", "grad_clip", float, "gradient-norm clipping, >= 0 (0: off)"),
     ("--partition", "partition", str, "pathological:K or dirichlet:ALPHA (default: pathological:2, "
                                       "pathological:10 on cifar100)"),
     ("--zoo", "zoo", str, "hetero (client i: CNN-((i mod 5)+1)) | homo (all CNN-1)"),
@@ -64,75 +66,209 @@ def _run_parser(method_cls=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mhpfl run", description="Run one federated experiment.")
     p.add_argument("method", help="method name (see 'mhpfl list')")
     for flag, field, typ, help_ in RUN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None,
-                       help=f"{help_} (default: {getattr(defaults, field)})")
+        default = "" if "default" in help_ else f" (default: {getattr(defaults, field)})"
+        p.add_argument(flag, dest=field, type=typ, default=None, help=help_ + default)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off training augmentation (on by default for CIFAR)")
     p.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download datasets; fail if they are absent")
-    p.add_argument("--out", default=None, help="output directory (default runs/METHOD-DATASET-N-seedS)")
+    p.add_argument("--out", default=None, help="output directory (default runs/METHOD-DATASET-N{N}-seed{S}-HASH, "
+                                               "HASH naming the full configuration)")
+    p.add_argument("--force", action="store_true",
+                   help="run again although --out holds a finished run of this configuration")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run of another configuration in --out (kept until the new one finishes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default): every client in this process; flower: the same method as a "
+                        "Flower app (Message API) in Flower's simulation runtime (pip install 'mhpfl-bench[flower]')")
+    p.add_argument("--flower-app", metavar="DIR", default=None,
+                   help="with --engine flower: write a Flower App for a real federation into DIR instead of "
+                        "simulating (then: flwr run DIR CONNECTION; see docs/scale-out.md)")
     if method_cls is not None:
         _method_options_group(p, method_cls)
     return p
 
 
-def cmd_run(argv: list[str]) -> int:
-    from mhpfl.config import RunConfig
-    from mhpfl.engine import run
+def _method_meta(name: str):
+    """The method's options and description for the command line: from the start-up catalog for
+    a built-in method (no torch import), else its class."""
+    from mhpfl.catalog import method_info
     from mhpfl.methods import get_method
 
+    return method_info(name) or get_method(name)
+
+
+def _result_line(summary: dict, out) -> str:
+    return (f"{summary['method']}: acc {summary['selected_mean_acc']:.2f}% (round {summary['selected_round']}, "
+            f"best on validation{'' if summary['converged'] else '; not converged'})  "
+            f"best on test {summary['best_mean_acc']:.2f}%  "
+            f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
+            f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
+
+
+def _same_run(summary: dict, cfg, key: str) -> tuple[bool, str]:
+    """Whether a finished summary is a run of `cfg` (same run key: settings, resolved method
+    options, method and package version); else which settings differ."""
+    from mhpfl.benchmark.suite import run_key
+    from mhpfl.config import RunConfig
+    from mhpfl.methods import get_method
+
+    old = dict(summary["config"])
+    old.pop("versions", None)
+    try:
+        same = (run_key(RunConfig.from_dict(old)) == key
+                and str(summary.get("method_version")) == str(get_method(cfg.method).version))
+    except UserError:
+        same = False
+    if same:
+        return True, ""
+    hp = get_method(cfg.method)(**cfg.method_options).hp
+    a, b = _flat_settings(old), _flat_settings({**cfg.to_dict(), "method_options": hp})
+    diff = [f"{k} {a.get(k)} -> {b.get(k)}" for k in dict.fromkeys([*a, *b])
+            if k not in ("--data-root", "--download", "--device") and a.get(k) != b.get(k)]
+    if summary["method"] != cfg.method:
+        diff.insert(0, f"method {summary['method']} -> {cfg.method}")
+    return False, ", ".join(diff) or "method or code version"
+
+
+def cmd_run(argv: list[str]) -> int:
+    from mhpfl.config import RunConfig
+
     first = [a for a in argv if not a.startswith("-")]
-    method_cls = get_method(first[0]) if first else None
-    args = _run_parser(method_cls).parse_args(argv)
+    meta = _method_meta(first[0]) if first else None
+    args = _run_parser(meta).parse_args(argv)
     fields = {f: getattr(args, f) for _, f, _, _ in RUN_FLAGS if getattr(args, f) is not None}
     for f in ("augment", "download"):
         if getattr(args, f) is not None:
             fields[f] = getattr(args, f)
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     cfg = RunConfig(method=args.method, method_options=opts, **fields)
-    out = args.out or f"runs/{cfg.method}-{cfg.dataset}-N{cfg.clients}-seed{cfg.seed}"
-    summary = run(cfg, out=out, progress=not args.quiet)
-    print(f"{summary['method']}: best mean acc {summary['best_mean_acc']:.2f}%  "
-          f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
-          f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
+    cfg.validate()  # every impossible setting fails here, before any data is loaded
+    if args.flower_app and args.engine != "flower":
+        raise UserError("--flower-app needs --engine flower")
+
+    import os
+    import shutil
+
+    from mhpfl.benchmark.suite import run_key
+    from mhpfl.results import DamagedResult, load_summary
+
+    key = run_key(cfg)
+    engine = "" if args.engine == "inprocess" else f"-{args.engine}"
+    out = Path(args.out or f"runs/{cfg.method}-{cfg.dataset}-N{cfg.clients}-seed{cfg.seed}-{key[:8]}{engine}")
+    if args.flower_app:
+        from mhpfl import flower
+
+        app = flower.write_app(cfg, args.flower_app, str(out))
+        print(f"wrote the Flower App {app}/pyproject.toml; with a SuperLink and SuperNodes running, submit it "
+              f"with: flwr run {app} CONNECTION --stream   (results go to {out.resolve()})")
+        return 0
+    replace = False
+    if (out / "summary.json").exists():
+        try:
+            old = load_summary(out / "summary.json")
+        except DamagedResult as e:
+            if not args.overwrite:
+                raise UserError(f"{e}; or pass --overwrite to run into {out} anyway") from None
+        else:
+            same, diff = _same_run(old, cfg, key)
+            if same and old.get("engine", "inprocess") != args.engine:
+                same, diff = False, f"engine {old.get('engine', 'inprocess')} -> {args.engine}"
+            if same and not args.force:
+                print(f"already finished (same configuration; --force to run it again): {_result_line(old, out)}")
+                return 0
+            if not same and not args.overwrite:
+                raise UserError(f"{out} holds a finished run of another configuration ({diff}); choose "
+                                "another --out (or leave --out out), or pass --overwrite to replace it")
+        replace = True
+
+    if args.engine == "flower":
+        from mhpfl.flower import run_flower as run
+    else:
+        from mhpfl.engine import run
+
+    target = out.with_name(f".{out.name}.inflight.{os.getpid()}") if replace else out
+    try:
+        summary = run(cfg, out=target, progress=not args.quiet)
+        if replace:  # the old result goes only once the new one is complete
+            trash = out.with_name(f".{out.name}.old.{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(target, out)
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+    print(_result_line(summary, out))
     return 0
 
 
 def cmd_list(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="mhpfl list", description="List methods, datasets and zoos.").parse_args(argv)
-    from mhpfl.datasets import DATASETS
-    from mhpfl.methods import available_methods
-    from mhpfl.models import ZOOS
+    from mhpfl import catalog
+    from mhpfl.methods import BUILTIN, available_methods
 
     print("methods:")
-    for name, cls in available_methods().items():
-        desc = cls.description if isinstance(cls, type) else f"BROKEN PLUGIN: {cls}"
+    infos = {n: catalog.method_info(n) for n in BUILTIN}
+    # fast path: with a current catalog no built-in method module (nor torch) is imported
+    methods = available_methods(infos if all(infos.values()) else None)
+    for name, cls in methods.items():
+        desc = f"BROKEN PLUGIN: {cls}" if isinstance(cls, UserError) else cls.description
         print(f"  {name:<12} {desc}")
     print("datasets:")
-    for name, info in DATASETS.items():
-        print(f"  {name:<12} {info.num_classes} classes, input {'x'.join(map(str, info.in_shape))}")
+    datasets = catalog.datasets()
+    if datasets is None:
+        from mhpfl.datasets import DATASETS
+
+        datasets = list(DATASETS.values())
+    for info in datasets:
+        print(f"  {info.name:<12} {info.num_classes} classes, input {'x'.join(map(str, info.in_shape))}")
     print("model zoos:")
-    for name, desc in ZOOS.items():
+    zoos = catalog.zoos()
+    if zoos is None:
+        from mhpfl.models import ZOOS as zoos
+    for name, desc in zoos.items():
         print(f"  {name:<12} {desc}")
     return 0
 
 
+def _flat_settings(cfg: dict) -> dict:
+    """A run's settings as flag -> value (method options as --option), for the compare table."""
+    out = {}
+    for k, v in cfg.items():
+        if k in ("method", "versions", "method_options"):
+            continue
+        out[f"--{k.replace('_', '-')}"] = v
+    for k, v in (cfg.get("method_options") or {}).items():
+        out[f"--{k.replace('_', '-')}"] = v
+    return out
+
+
 def cmd_compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mhpfl compare", description="Table of finished runs.")
+    p = argparse.ArgumentParser(prog="mhpfl compare", description=(
+        "Table of finished runs: one row per run folder, with its seed and every setting that "
+        "differs between the runs."))
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
     args = p.parse_args(argv)
+    from mhpfl.results import load_summary
+
+    summaries = [load_summary(Path(d) / "summary.json") for d in args.runs]
     import pandas as pd
 
+    flat = [_flat_settings(s["config"]) for s in summaries]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    # a setting differs if the runs that have it disagree (a method's own options count only
+    # between runs of methods that have them)
+    differ = [k for k in keys if k != "--seed"
+              and len({json.dumps(f[k], sort_keys=True) for f in flat if k in f}) > 1]
     rows = []
-    for d in args.runs:
-        f = Path(d) / "summary.json"
-        if not f.is_file():
-            raise UserError(f"{f} not found: run 'mhpfl run ... --out {d}' first")
-        s = json.loads(f.read_text())
+    for d, s, f in zip(args.runs, summaries, flat):
         r = max(s["rounds_run"], 1)
-        rows.append({"method": s["method"], "best acc %": round(s["best_mean_acc"], 2),
-                     "final acc %": round(s["final_mean_acc"], 2),
+        rows.append({"run": d, "method": s["method"], "engine": s.get("engine", "inprocess"), "seed": f.get("--seed"),
+                     **{k: f.get(k, "") for k in differ},
+                     "acc % (val-selected)": round(s["selected_mean_acc"], 2),
+                     "best acc % (on test)": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
+                     "converged": s["converged"],
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,
                      "train FLOPs/round": f"{s['train_flops'] / r:.3e}", "wall s": s["wall_seconds"]})
     print(pd.DataFrame(rows).to_markdown(index=False))
@@ -170,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished results are kept on disk", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (mhpfl list | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

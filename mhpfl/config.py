@@ -1,6 +1,7 @@
 """Run configuration: every setting of a run, validated before any work starts."""
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -72,9 +73,16 @@ class RunConfig:
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
-            (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0 (got {self.lr})"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})"),
+            (math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+             f"--grad-clip must be a finite number >= 0, 0 turning clipping off (got {self.grad_clip})"),
             (0 < self.train_fraction <= 1, f"--train-fraction must be in (0, 1] (got {self.train_fraction})"),
+            (self.seed >= 0, f"--seed must be >= 0 (got {self.seed})"),
             (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
+            (self.val_size >= 0, f"--val-size must be >= 0 (got {self.val_size})"),
             (self.public_size is None or self.public_size >= 0,
              f"--public-size must be >= 0 (got {self.public_size})"),
             (self.public != "heldout" or self.public_size is None
@@ -110,7 +118,7 @@ class RunConfig:
             raise UserError(f"unknown device '{self.device}'; use cpu or cuda")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}'; use {' or '.join(PRECISIONS)}")
-        cls(**self.method_options)  # unknown method options fail here
+        cls(**self.method_options).validate(self, info)  # unknown or impossible method options fail here
 
 
 def library_versions() -> dict[str, str]:

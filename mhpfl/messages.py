@@ -7,11 +7,12 @@ training-sample count (metadata, not payload).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch only in annotations: the CLI's metadata commands must not import it
+    import torch
 
-Message = dict[str, torch.Tensor]
+Message = dict[str, "torch.Tensor"]
 
 
 @dataclass

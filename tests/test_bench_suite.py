@@ -10,7 +10,7 @@ from mhpfl.config import RunConfig
 from mhpfl.errors import UserError
 from mhpfl.methods import register, unregister
 
-NINE = {"standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "pfedlora"}
+EVERY_METHOD = {"standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp", "pfedlora"}
 
 
 def _err(tmp_path, data_root, **kw) -> str:
@@ -107,7 +107,7 @@ def test_shipped_suites(name):
 
     raw = tomllib.loads(resources.files("mhpfl.benchmark").joinpath("suites", f"{name}.toml").read_text())
     listed = set(raw["methods"]) | {m for st in raw["settings"] for m in st.get("methods", [])}
-    assert listed == NINE  # every method of the benchmark
+    assert listed == EVERY_METHOD  # every method of the benchmark
     for st in s.settings:
         assert "fedavg" not in st.methods or st.cfg.zoo == "homo"
     if name == "quick":
@@ -116,8 +116,11 @@ def test_shipped_suites(name):
         assert all(st.cfg.rounds * st.cfg.frac >= 20 for st in s.settings)
         assert all(st.seeds == [0, 1, 2] for st in s.settings)
         assert any(st.cfg.zoo == "homo" for st in s.settings)
-        assert {a["option"] for a in s.ablations} >= {"rank", "targets", "adapter_epochs"}
-        assert next(a for a in s.ablations if a["option"] == "rank")["values"] == [1, 4, 8, 16]
+        assert {a["option"] for a in s.ablations} >= {"rank", "adapter", "adapter_epochs"}
+        assert next(a for a in s.ablations if a["option"] == "rank")["values"] == [1, 4, 8, 10]
+        assert next(a for a in s.ablations if a["option"] == "adapter")["values"] == ["fc3", "auto", "model"]
+        pf = [e for e in s.entries if e.group.startswith("ablation:")]
+        assert pf and {e.seed for e in pf} == {0, 1, 2}
     if name == "paper":
         assert {st.cfg.dataset for st in s.settings} == {"cifar10", "cifar100"}
         assert all(st.cfg.rounds == 500 for st in s.settings)

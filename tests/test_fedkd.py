@@ -90,6 +90,32 @@ def test_adaptive_mutual_distillation_loss():
     assert float(with_proj["hidden"]) == pytest.approx(float(((proj(s_rep) - t_rep) ** 2).mean()), rel=1e-5)
 
 
+def test_loss_variants_scale_and_gradient_flow():
+    g = torch.Generator().manual_seed(3)
+    t_logits, s_logits = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    t_rep, s_rep = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 1])
+    base = adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y)
+    mean = adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, kl="mean")
+    assert float(mean["kl_t"]) == pytest.approx(float(base["kl_t"]) / 3, rel=1e-5)  # a further 1/C
+    flat = adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, adaptive=False)
+    assert float(flat["mentor"]) == pytest.approx(float(base["ce_t"] + base["kl_t"] + base["hidden"]), rel=1e-5)
+    nohid = adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, hidden=False)
+    assert float(nohid["hidden"]) == 0.0
+
+    def mentor_grad(**kw):  # gradient of the total wrt the mentor's logits
+        t = t_logits.clone().requires_grad_(True)
+        adaptive_kd_loss(t, t_rep, s_logits, s_rep, y, **kw)["total"].backward()
+        return t.grad
+
+    # one-way with a constant factor: the mentor gets exactly its CE gradient
+    t = t_logits.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(t, y).backward()
+    torch.testing.assert_close(mentor_grad(mentor_distill=False, scale_grad=False), t.grad)
+    # with the factor's gradient (official code), the mentor is also pushed by 1/(CE_t + CE_s)
+    assert not torch.allclose(mentor_grad(mentor_distill=False), t.grad)
+
+
 def one_round(method, server, clients, r):
     server.start_round(r)
     downs, ups = {}, []

@@ -21,7 +21,7 @@ def test_fvcore_equals_half_of_torch_flop_counter(arch, shape, c):
     assert forward_flops(m, shape) * 2 == fc.get_total_flops()
 
 
-def test_meter_charges_forward_and_backward_only_while_counting():
+def test_meter_charges_inference_while_counting_and_steps_as_measured():
     m = build_model("cnn5", (1, 28, 28), 10)
     meter = FlopMeter()
     meter.track(m, (1, 28, 28), "cnn5")
@@ -29,9 +29,11 @@ def test_meter_charges_forward_and_backward_only_while_counting():
     x = torch.zeros(4, 1, 28, 28)
     m(x)
     assert meter.total == 0  # not counting (e.g. evaluation)
-    with meter.count():
-        m(x)  # with autograd: forward + backward (2x forward)
-        assert meter.total == 3 * 4 * per
-        with torch.no_grad():
-            m(x)  # inference only
-        assert meter.total == 3 * 4 * per + 4 * per
+    with meter.count(), torch.no_grad():
+        m(x)  # inference: one forward pass per sample
+    assert meter.total == 4 * per
+    with meter.step(("k",)):
+        m(x).sum().backward()  # a training step: what autograd runs, not a fixed multiple
+    step = meter.step_flops[("k",)]
+    assert 2 * 4 * per < step < 3 * 4 * per  # no input gradient for the first layer
+    assert meter.total == 4 * per + step

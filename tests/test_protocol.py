@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from mhpfl.config import RunConfig
-from mhpfl.engine import FlopMeter, Federation, Recorder, forward_flops
+from mhpfl.engine import FlopMeter, Federation, Recorder
 from mhpfl.engine.runner import CONVERGENCE_POINTS, participants
 from mhpfl.methods import BUILTIN, get_method
-from mhpfl.models import CNN_SPECS, build_model
 from tests.conftest import needs_fmnist, synthetic_client
 
 
@@ -109,7 +107,7 @@ def _params(model):
 @needs_fmnist
 @pytest.mark.parametrize("method", sorted(m for m in BUILTIN if m != "fedavg"))
 def test_non_participants_are_untrained_after_round_one(method, tiny_cfg, one_thread):
-    cfg = tiny_cfg(method, clients=10, frac=0.2, rounds=1, public_size=200,
+    cfg = tiny_cfg(method, clients=10, frac=0.2, rounds=5, public_size=200,
                    method_options={"public_subset": 50} if method == "fedmd" else {})
     fed = Federation.build(cfg)
     fresh = [_params(c.model) for c in fed.clients]
@@ -128,7 +126,7 @@ def test_non_participants_are_untrained_after_round_one(method, tiny_cfg, one_th
 @needs_fmnist
 def test_fedmd_transfer_learning_is_metered_in_the_round_a_client_joins(tiny_cfg, one_thread):
     opts = {"public_subset": 50, "transfer_public_epochs": 1, "transfer_private_epochs": 1}
-    cfg = tiny_cfg("fedmd", clients=10, frac=0.2, rounds=2, public_size=200, method_options=opts)
+    cfg = tiny_cfg("fedmd", clients=10, frac=0.2, rounds=5, public_size=200, method_options=opts)
     fed = Federation.build(cfg)
     fed.play_round(1)
     first = fed.meter.total
@@ -142,15 +140,7 @@ def test_fedmd_transfer_learning_is_metered_in_the_round_a_client_joins(tiny_cfg
 
 
 # ---- FLOPs: measured as autograd runs them ---------------------------------------------------------
-@pytest.mark.parametrize("arch", list(CNN_SPECS))
-def test_flop_counter_and_fvcore_agree_on_forward_passes(arch):
-    model = build_model(arch, (1, 28, 28), 10)
-    per_sample = forward_flops(model, (1, 28, 28))
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros(8, 1, 28, 28))
-    assert fc.get_total_flops() // 2 == 8 * per_sample
-
-
+# (fvcore and FlopCounterMode agree on forward passes: tests/test_meters.py)
 def _one_step(client, params, loss_fn):
     client.meter.total = 0
     client.fit(params, loss_fn, epochs=1, batch_size=len(client.data.train))

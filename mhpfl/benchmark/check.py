@@ -15,19 +15,46 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from mhpfl.benchmark.runner import code_fingerprint, machine_info, run_dirname, run_suite
 from mhpfl.benchmark.suite import Suite
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json
+from mhpfl.results import load_summary
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_SUITE = "smoke"
 DEFAULT_REFERENCE = "results/smoke/reference.json"
 ACC_METRICS = ("selected_mean_acc", "best_mean_acc", "final_mean_acc")
 EXACT_METRICS = ("bytes_up", "bytes_down", "train_flops")
+
+
+def repository_root() -> Path | None:
+    """The source checkout this package runs from (an editable install), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return root if 'name = "mhpfl-bench"' in (root / "pyproject.toml").read_text() else None
+    except OSError:
+        return None
+
+
+def locate_reference(update: bool = False, cwd: Path | None = None) -> Path:
+    """The default reference, wherever `mhpfl check` is started: DEFAULT_REFERENCE under the
+    working directory or one of its parents, else under the checkout the package runs from.
+    With `update` and none found, where a new one goes (the checkout's); else a UserError."""
+    cwd = (cwd or Path.cwd()).resolve()
+    repo = repository_root()
+    for d in [cwd, *cwd.parents, *([repo] if repo else [])]:
+        if (d / DEFAULT_REFERENCE).is_file():
+            return d / DEFAULT_REFERENCE
+    if update and repo is not None:
+        return repo / DEFAULT_REFERENCE
+    raise UserError(f"no {DEFAULT_REFERENCE} in {cwd}, its parents"
+                    f"{f' or the checkout {repo}' if repo else ''}; start 'mhpfl check' at the repository "
+                    "root or pass --reference PATH (a new one: --reference PATH --update)")
 
 
 def read_reference(path: Path, suite: Suite) -> dict[str, Any] | None:
@@ -51,7 +78,7 @@ def collect(suite: Suite, out: Path) -> dict[str, dict[str, Any]]:
         f = out / "runs" / run_dirname(e) / "summary.json"
         if not f.is_file():
             continue
-        s = json.loads(f.read_text())
+        s = load_summary(f)
         got[e.run_id] = {"method": e.method, "key": e.key,
                          **{m: float(s[m]) for m in ACC_METRICS}, **{m: int(s[m]) for m in EXACT_METRICS}}
     return got
@@ -60,6 +87,8 @@ def collect(suite: Suite, out: Path) -> dict[str, dict[str, Any]]:
 def compare(ref_runs: dict[str, dict], now: dict[str, dict], failed: dict[str, str], *, default_tol: float,
             tol_per_method: dict[str, float], bytes_rel: dict[str, float]) -> tuple[pd.DataFrame, bool]:
     """Rows for everything that moved at all; second value: True if any is a failure."""
+    import pandas as pd
+
     rows, bad = [], False
     for rid in sorted(set(ref_runs) | set(now) | set(failed)):
         r, n = ref_runs.get(rid), now.get(rid)
@@ -102,6 +131,8 @@ def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update
               tolerance: float | None = None, jobs: int | None = 1, threads: int | None = None, out: str | Path | None = None,
               progress: bool = True, log: Callable[[str], None] = print) -> int:
     """Rerun `suite` and compare with `reference`; 0 when nothing regressed (or after --update)."""
+    import pandas as pd
+
     reference = Path(reference)
     ref = read_reference(reference, suite)  # a wrong reference fails before any training
     if ref is None and not update:

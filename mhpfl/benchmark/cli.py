@@ -35,9 +35,7 @@ def _overrides(args) -> dict[str, Any]:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-    from mhpfl.benchmark.runner import finished, run_suite
-    from mhpfl.benchmark.suite import load_suite, shipped_suites
+    from mhpfl.benchmark.suite import shipped_suites
 
     p = argparse.ArgumentParser(prog="mhpfl bench", description=(
         "Run a benchmark suite (cached: finished runs are skipped; resumable after any interruption), "
@@ -49,7 +47,36 @@ def cmd_bench(argv: list[str]) -> int:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--target", type=float, default=None, help="accuracy target (%%) of the cost table")
     _common(p)
+    g = p.add_argument_group("executor (where the runs run)")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (--jobs); ray: Ray tasks on a local Ray instance "
+                        "or a cluster (--address); needs pip install 'mhpfl-bench[ray]'")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local "
+                        "Ray instance)")
+    g.add_argument("--run-cpus", type=float, default=1.0, help="CPUs each run reserves on Ray (default 1)")
+    g.add_argument("--run-gpus", type=float, default=None,
+                   help="GPUs each run reserves on Ray, fractions allowed (0.25: four runs share a GPU; "
+                        "default 1 with --device cuda, else 0)")
+    g.add_argument("--max-retries", type=int, default=2,
+                   help="Ray retries of a run whose worker or node died (default 2)")
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import check_target, write_report
+    from mhpfl.benchmark.runner import finished, run_suite
+    from mhpfl.benchmark.suite import load_suite
+
+    check_target(args.target)  # before any training
+    ray_opts = None
+    if args.executor == "ray":
+        from mhpfl.benchmark.ray_executor import RayOptions
+
+        if args.jobs != 1:
+            raise UserError("--jobs is for --executor local; with --executor ray every run is a Ray task "
+                            "(size them with --run-cpus / --run-gpus)")
+        ray_opts = RayOptions(address=args.address, run_cpus=args.run_cpus, run_gpus=args.run_gpus,
+                              max_retries=args.max_retries)
+    elif args.address or args.run_gpus is not None:
+        raise UserError("--address and --run-gpus need --executor ray")
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
     if args.dry_run:
@@ -62,7 +89,8 @@ def cmd_bench(argv: list[str]) -> int:
             print(f"{i + 1:4d}. {state:<7} {e.run_id:<48} rounds {c.rounds}  N {c.clients}  C {c.frac:g}  "
                   f"train fraction {c.train_fraction:g}  key {e.key}")
         return 0
-    res = run_suite(suite, out, force=args.force, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    res = run_suite(suite, out, force=args.force, jobs=args.jobs, threads=args.threads, progress=not args.quiet,
+                    executor=args.executor, ray=ray_opts)
     if res.trained or res.failed:
         print(f"suite {suite.name}: {res.trained} run(s) trained in {res.wall_seconds / 60:.1f} min, "
               f"{res.cached} cached, {len(res.failed)} failed")
@@ -83,8 +111,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from mhpfl.benchmark.report import write_report
-
     p = argparse.ArgumentParser(prog="mhpfl report", description=(
         "Write tables (accuracy, cost, headline, ablation: .md/.csv/.tex), plots (.png/.pdf) and a "
         "README into a folder of finished bench runs."))
@@ -94,20 +120,22 @@ def cmd_report(argv: list[str]) -> int:
                         "best accuracy among the methods of each setting)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
     args = p.parse_args(argv)
+    from mhpfl.benchmark.report import write_report
+
     files = write_report(args.dir, target=args.target, do_plots=not args.no_plots)
     print(f"report: wrote {len(files)} files in {args.dir}: {', '.join(files)}")
     return 0
 
 
 def cmd_check(argv: list[str]) -> int:
-    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, run_check
-    from mhpfl.benchmark.suite import load_suite
+    from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, locate_reference, run_check
 
     p = argparse.ArgumentParser(prog="mhpfl check", description=(
         "Regression check: rerun the smoke suite (never from a cache) and compare with the committed "
         "reference: accuracy within a tolerance, bytes and FLOPs exactly. Exit 1 on a regression."))
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"suite name or path (default {DEFAULT_SUITE})")
-    p.add_argument("--reference", default=DEFAULT_REFERENCE, help=f"reference file (default {DEFAULT_REFERENCE})")
+    p.add_argument("--reference", default=None, help=f"reference file (default {DEFAULT_REFERENCE} of the "
+                                                     "repository, found from any folder inside it)")
     p.add_argument("--update", action="store_true", help="rewrite the reference from this run (deliberately)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="accuracy tolerance in points for methods without their own (default: the "
@@ -115,8 +143,11 @@ def cmd_check(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="keep the runs in this folder (default: a temporary one)")
     _common(p)
     args = p.parse_args(argv)
+    from mhpfl.benchmark.suite import load_suite
+
+    reference = args.reference or locate_reference(update=args.update)
     suite = load_suite(args.suite, overrides=_overrides(args))
-    return run_check(suite, args.reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
+    return run_check(suite, reference, update=args.update, tolerance=args.tolerance, jobs=args.jobs,
                      threads=args.threads, out=args.out, progress=not args.quiet)
 
 

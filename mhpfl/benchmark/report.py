@@ -33,6 +33,7 @@ import pandas as pd
 
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_text
+from mhpfl.results import load_summary
 
 PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
 # accuracy views of a run: column -> (summary field, what it is)
@@ -85,9 +86,13 @@ def load(out: str | Path) -> Results:
         if not (d / "summary.json").is_file():
             missing.append(e["run_id"])
             continue
-        s = json.loads((d / "summary.json").read_text())
+        s = load_summary(d / "summary.json")
         if e["key"] not in curves:
-            curves[e["key"]] = pd.read_csv(d / "rounds.csv")
+            try:
+                curves[e["key"]] = pd.read_csv(d / "rounds.csv")
+            except (OSError, ValueError) as err:
+                raise UserError(f"{d / 'rounds.csv'} is damaged ({type(err).__name__}); delete {d} and "
+                                f"rerun 'mhpfl bench SUITE --out {out}'") from None
         c = curves[e["key"]]
         cfg = s["config"]
         m = max(1, round(cfg["frac"] * cfg["clients"]))
@@ -692,9 +697,16 @@ def readme(res: Results, files: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_target(target: float | None, flag: str = "--target") -> None:
+    """An accuracy target is a percentage in (0, 100]."""
+    if target is not None and not (0 < target <= 100):
+        raise UserError(f"{flag} must be an accuracy in percent, in (0, 100] (got {target:g})")
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def write_report(out: str | Path, target: float | None = None, do_plots: bool = True) -> list[str]:
     """Write every table, plot and the README into `out`; return the file names written."""
+    check_target(target)
     res = load(out)
     out = res.out
     files: list[str] = []

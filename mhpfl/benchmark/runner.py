@@ -25,11 +25,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mhpfl.benchmark.suite import Entry, Suite
+
+if TYPE_CHECKING:
+    from mhpfl.benchmark.ray_executor import RayOptions
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
+from mhpfl.results import DamagedResult, load_summary
 
 
 def run_dirname(e: Entry) -> str:
@@ -37,7 +41,20 @@ def run_dirname(e: Entry) -> str:
 
 
 def finished(out: Path, e: Entry) -> bool:
-    return (out / "runs" / run_dirname(e) / "summary.json").is_file()
+    """True if the run's summary.json exists and passes the schema check (mhpfl.results)."""
+    return damaged(out, e) is None and (out / "runs" / run_dirname(e) / "summary.json").is_file()
+
+
+def damaged(out: Path, e: Entry) -> DamagedResult | None:
+    """The error of a finished-looking run whose summary.json cannot be trusted, else None."""
+    f = out / "runs" / run_dirname(e) / "summary.json"
+    if not f.exists():
+        return None
+    try:
+        load_summary(f)
+    except DamagedResult as err:
+        return err
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,12 +122,7 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
         summary = run(cfg, out=tmp, progress=False, on_round=on_round)
         atomic_write_json(tmp / "run.json", {"key": job["key"], "code": code_fingerprint(),
                                              "config": job["config"]})
-        if final.exists():  # --force: the old result goes only once the new one is complete
-            trash = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+        publish(tmp, final)
         return {"index": idx, "ok": True, "best": summary["selected_mean_acc"],
                 "wall": summary["wall_seconds"]}
     except UserError as e:
@@ -120,6 +132,17 @@ def execute(job: dict[str, Any], emit: Callable[[tuple], None] | None = None) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(before)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a complete run directory into place atomically (replacing an old one with --force:
+    the old result goes only once the new one is complete)."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
 
 
 def _worker(job: dict[str, Any], queue) -> dict[str, Any]:
@@ -195,10 +218,19 @@ def plan_workers(cores: int, todo: int, jobs: int | None, threads: int | None) -
 
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int | None = 1,
               threads: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> BenchResult:
+              log: Callable[[str], None] = print, executor: str = "local",
+              ray: "RayOptions | None" = None) -> BenchResult:
     """Run every run of `suite` not already finished in `out` (all of them with force).
     `jobs`: processes (None: one per available core, see plan_workers; the CLI's default);
-    `threads`: torch threads per run (default cores // jobs, never more)."""
+    `threads`: torch threads per run (default cores // jobs, never more).
+    `executor`: "local" (processes on this machine, `jobs` of them) or "ray" (Ray tasks,
+    see mhpfl.benchmark.ray_executor; `ray` holds its options; threads default to its run_cpus)."""
+    if executor not in ("local", "ray"):
+        raise UserError(f"unknown --executor '{executor}'; choose local or ray")
+    if executor == "ray" and ray is None:
+        from mhpfl.benchmark.ray_executor import RayOptions
+
+        ray = RayOptions()
     out = prepare_out(out)
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
@@ -210,8 +242,15 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
         atomic_write_json(out / "suite.json", suite.plan())
         atomic_write_text(out / "suite.toml", suite.text)
         runs = suite.runs()
+        for e in runs.values():
+            bad = damaged(out, e)
+            if bad is not None:
+                log(f"  {e.run_id}: damaged result {bad.path} ({bad.why}); running it again")
         todo = [e for e in runs.values() if force or not finished(out, e)]
-        jobs, threads = plan_workers(_available_cores(), len(todo), jobs, threads)
+        if executor == "local":
+            jobs, threads = plan_workers(_available_cores(), len(todo), jobs, threads)
+        else:
+            jobs = jobs or 1
         res = BenchResult(total=len(runs), cached=len(runs) - len(todo), trained=0)
         log(f"suite {suite.name}: {len(runs)} runs, {res.cached} already finished in {out}, "
             f"{len(todo)} to run" + (f" with {jobs} jobs" if todo and jobs > 1 else ""))
@@ -221,13 +260,22 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
         if not todo:
             return res
         t0, started = time.perf_counter(), _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        if executor == "ray" and threads is None:
+            threads = max(1, int(ray.run_cpus))
         pid = os.getpid()
         jobs_spec = [{"index": i, "key": e.key, "config": e.cfg.to_dict(), "threads": threads,
                       "tmp": str(out / ".inflight" / f"{run_dirname(e)}.{pid}"),
                       "final": str(out / "runs" / run_dirname(e))} for i, e in enumerate(todo)]
         bar = _Progress(todo, enabled=progress, log=log)
+        where: dict[str, Any] = {}
         try:
-            results = _execute_all(jobs_spec, jobs, bar)
+            if executor == "ray":
+                from mhpfl.benchmark.ray_executor import execute_ray
+
+                results, where = execute_ray(jobs_spec, ray, todo[0].cfg.device,
+                                             {e.method for e in todo}, bar, bar.write)
+            else:
+                results = _execute_all(jobs_spec, jobs, bar)
         finally:
             bar.close()
         for r in results:
@@ -238,16 +286,21 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
                 fail.unlink(missing_ok=True)
             else:
                 res.failed.append((e, r["error"]))
-                atomic_write_text(fail, f"{e.run_id}\n{r['error']}\n\n{r.get('trace', '')}")
+                node = f"on {r['node']['host']} ({r['node']['ip']})\n" if r.get("node") else ""
+                atomic_write_text(fail, f"{e.run_id}\n{node}{r['error']}\n\n{r.get('trace', '')}")
         res.wall_seconds = round(time.perf_counter() - t0, 1)
+        if where:
+            for p in where["placement"]:
+                p["run"] = todo[p.pop("index")].run_id
         if res.trained:
-            _record_session(out, suite, started, res, jobs, todo[0].cfg.device)
+            _record_session(out, suite, started, res, jobs, todo[0].cfg.device, where)
         return res
     finally:
         lock.release()
 
 
-def _record_session(out: Path, suite: Suite, started: str, res: BenchResult, jobs: int, device: str) -> None:
+def _record_session(out: Path, suite: Suite, started: str, res: BenchResult, jobs: int, device: str,
+                    where: dict[str, Any] | None = None) -> None:
     import json
 
     f = out / "bench.json"
@@ -257,7 +310,8 @@ def _record_session(out: Path, suite: Suite, started: str, res: BenchResult, job
         sessions = []
     sessions.append({"suite": suite.name, "started": started, "wall_seconds": res.wall_seconds,
                      "runs_trained": res.trained, "runs_failed": len(res.failed), "runs_cached": res.cached,
-                     "jobs": jobs, "code": code_fingerprint(), "machine": machine_info(device)})
+                     "jobs": jobs, "code": code_fingerprint(), "machine": machine_info(device),
+                     **(where or {"executor": "local"})})
     atomic_write_json(f, {"sessions": sessions})
 
 
@@ -368,8 +422,9 @@ class _Progress:
             if self.bar is not None:
                 self.bar.update(self.unit[i] * (e.cfg.rounds - self.seen[i]))
             self.seen[i] = e.cfg.rounds
-        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: acc {r['best']:.2f}% ({r['wall']:.0f} s)"
-               if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED: {r['error']}")
+        host = f" on {r['node']['host']}" if r.get("node") else ""
+        msg = (f"[{self.finished}/{self.n}] {self._name(i)}: acc {r['best']:.2f}% ({r['wall']:.0f} s{host})"
+               if r["ok"] else f"[{self.finished}/{self.n}] {self._name(i)}: FAILED{host}: {r['error']}")
         eta = self.eta()
         if eta is not None:
             msg += f"; ETA {_clock(eta)}"
@@ -378,6 +433,12 @@ class _Progress:
         else:
             self.log(msg)
         self._refresh()
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            self.log(msg)
 
     def close(self) -> None:
         if self.bar is not None:

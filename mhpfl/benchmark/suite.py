@@ -32,7 +32,7 @@ A suite file (see the shipped `suites/smoke.toml`, `quick.toml`, `paper.toml`; c
 
     [report]
     reference = "pfedlora"              # the method margins and ratios are measured against
-    baselines = ["fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto"]
+    baselines = ["fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp"]
     target = "min-best"                 # or a number (percent): the cost table's target
 
     [check]
@@ -57,7 +57,7 @@ from typing import Any
 from mhpfl.config import RunConfig
 from mhpfl.errors import UserError
 
-SIX_BASELINES = ("fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto")
+SIX_BASELINES = ("fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh", "fedtgp")
 TOP_KEYS = {"name", "description", "methods", "seeds", "defaults", "method_options", "settings",
             "ablations", "report", "check"}
 SETTING_KEYS = {"name", "methods", "seeds", "target", "method_options"}
@@ -211,6 +211,12 @@ def _run_fields(where: str, d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _percent(where: str, v: float) -> float:
+    if not 0 < v <= 100:
+        raise UserError(f"{where} must be an accuracy in percent, in (0, 100] (got {v:g})")
+    return v
+
+
 def _str_list(where: str, v: Any) -> list[str]:
     if not (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
         raise UserError(f"{where}: expected a non-empty list of names, got {v!r}")
@@ -324,7 +330,7 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
         s_seeds = _seed_list(f"{sw}: seeds", s["seeds"]) if "seeds" in s else seeds
         target = s.get("target")
         if target is not None:
-            target = _expect(f"{sw}: target", target, float, "a number (percent)")
+            target = _percent(f"{sw}: target", _expect(f"{sw}: target", target, float, "a number (percent)"))
         s_opts = _options(f"{sw}: method_options", s.get("method_options", {}))
         setting = Setting(sname, setting_label(probe), merged, [], s_seeds, target, {}, probe)
         for m in s_methods:
@@ -394,7 +400,8 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
            "baselines": _str_list(f"{where} [report] baselines", report.get("baselines", list(SIX_BASELINES))),
            "target": report.get("target", "min-best")}
     if rep["target"] != "min-best":
-        rep["target"] = _expect(f"{where} [report] target", rep["target"], float, '"min-best" or a number')
+        rep["target"] = _percent(f"{where} [report] target",
+                                 _expect(f"{where} [report] target", rep["target"], float, '"min-best" or a number'))
 
     check = raw.get("check", {})
     if not isinstance(check, dict):

@@ -89,10 +89,25 @@ def _stage_debian_fmnist(root: Path) -> None:
         return
     raw.mkdir(parents=True, exist_ok=True)
     for f in FMNIST_FILES:
-        tmp = raw / f".{f}.tmp"
+        tmp = raw / f".{f}.{os.getpid()}.tmp"  # concurrent runs stage side by side
         with gzip.open(DEBIAN_FMNIST / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         tmp.replace(raw / f)
+
+
+def _cifar_problem(cls, root: Path) -> str | None:
+    """What is wrong with an extracted CIFAR folder: a missing or corrupt file (torchvision's
+    checksums), or None if it looks complete."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / cls.base_folder
+    for fname, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        f = folder / fname
+        if not f.is_file():
+            return f"{f} is missing"
+        if not check_integrity(str(f), md5):
+            return f"{f} is corrupt (checksum mismatch)"
+    return None
 
 
 def _torchvision(name: str, root: Path, download: bool):
@@ -100,13 +115,35 @@ def _torchvision(name: str, root: Path, download: bool):
 
     cls = {"fmnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "kmnist": tvd.KMNIST, "cifar10": tvd.CIFAR10,
            "cifar100": tvd.CIFAR100}[name]
+    info = DATASETS[name]
+    idx = name in ("fmnist", "mnist", "kmnist")  # IDX files under ROOT/<class name>/raw
+    raw = root / cls.__name__ / "raw"
+    if not idx and not download and not (root / cls.base_folder).exists() and (root / cls.filename).is_file():
+        # torchvision extracts a placed archive only when allowed to download; do it here
+        from torchvision.datasets.utils import extract_archive
+
+        try:
+            extract_archive(str(root / cls.filename), str(root))
+        except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError ...
+            raise UserError(f"{name}: {root / cls.filename} is corrupt ({type(e).__name__}: {e}); replace it "
+                            "with a fresh copy from https://www.cs.toronto.edu/~kriz/") from None
+    present = raw.is_dir() if idx else (root / cls.base_folder).is_dir()
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-    except OSError as e:  # download failed (no network, refused, ...)
-        cause = f"download failed ({type(e).__name__})"
-    info = DATASETS[name]
+    except OSError as e:  # download failed (no network, refused, ...), or unreadable files
+        cause = f"download failed ({type(e).__name__})" if download and not present else f"{type(e).__name__}: {e}"
+    except Exception as e:  # torchvision: "Dataset not found or corrupted"; a parser error on a damaged file
+        cause = None if isinstance(e, RuntimeError) and "not found" in str(e) else f"cannot be parsed: {type(e).__name__} {e}"
+    if present:
+        if idx:
+            what = next((f"{raw / f} is missing" for f in FMNIST_FILES if not (raw / f).is_file()), None)
+        else:
+            what = _cifar_problem(cls, root)
+        where = raw if idx else root / cls.base_folder
+        fresh = (("the four IDX files" + (" (or install dataset-fashion-mnist)" if name == "fmnist" else ""))
+                 if idx else f"{info.archive} in {root}")
+        raise UserError(f"{name}: the files in {where} are corrupt or incomplete "
+                        f"({what or cause.rstrip(': ') or 'unreadable'}); delete {where} and place a fresh copy: {fresh}")
     if name == "fmnist":
         hint = (f"install Debian's package (apt-get install dataset-fashion-mnist) or place the "
                 f"four IDX files in {root / 'FashionMNIST' / 'raw'}")
@@ -114,7 +151,21 @@ def _torchvision(name: str, root: Path, download: bool):
         hint = f"place the four IDX files (train/t10k images and labels) in {root / info.archive.split('/')[0] / 'raw'}"
     else:
         hint = f"place {info.archive} (from https://www.cs.toronto.edu/~kriz/) in {root}"
-    raise UserError(f"{name} not found under {root} ({cause}); {hint}, or pass --data-root DIR")
+    how = f" ({cause})" if cause and download else ""
+    raise UserError(f"{name} not found under {root}{how}; {hint}, or pass --data-root DIR")
+
+
+def dataset_present(name: str, root: str | None = None) -> bool:
+    """Whether `name` can be loaded from `root` on this machine without downloading (the files
+    torchvision reads, CIFAR's archive, or Debian's Fashion-MNIST package to stage from)."""
+    info = dataset_info(name)
+    root_p = Path(root) if root else default_data_root()
+    if name == "fmnist":
+        raw = root_p / "FashionMNIST" / "raw"
+        return (all((raw / f).exists() for f in FMNIST_FILES)
+                or all((DEBIAN_FMNIST / f"{f}.gz").exists() for f in FMNIST_FILES))
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    return (root_p / folder).is_dir() or (root_p / info.archive).is_file()
 
 
 CACHE_VERSION = 1

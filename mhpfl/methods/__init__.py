@@ -28,6 +28,8 @@ BUILTIN: dict[str, str] = {
     "lgfedavg": "mhpfl.methods.lgfedavg:LGFedAvg",
     "fd": "mhpfl.methods.fd:FD",
     "fedproto": "mhpfl.methods.fedproto:FedProto",
+    "fedgh": "mhpfl.methods.fedgh:FedGH",
+    "fedtgp": "mhpfl.methods.fedtgp:FedTGP",
 }
 ENTRY_POINT_GROUP = "mhpfl.methods"
 _REGISTERED: dict[str, type[Method]] = {}  # in-process registrations (see `register`)
@@ -89,9 +91,10 @@ def get_method(name: str) -> type[Method]:
     raise UserError(f"unknown method '{name}'; choose one of {known} (see 'mhpfl list')")
 
 
-def available_methods() -> dict[str, type[Method] | UserError]:
-    """Every method name -> its class, or the error that loading its plugin raised."""
-    out: dict[str, type[Method] | UserError] = {n: _load(t) for n, t in BUILTIN.items()}
+def available_methods(builtin: dict | None = None) -> dict[str, type[Method] | UserError]:
+    """Every method name -> its class, or the error that loading its plugin raised. `builtin`:
+    what to list for the built-ins instead of importing them (e.g. their catalog entries)."""
+    out: dict = dict(builtin) if builtin is not None else {n: _load(t) for n, t in BUILTIN.items()}
     out.update(_REGISTERED)
     for name, ep in sorted(_plugins().items()):
         try:

@@ -19,11 +19,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
-import torch
-
 from mhpfl.messages import Message, Upload
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only in annotations: `mhpfl list` and `--help` must not import it
+    import torch
+
     from mhpfl.engine.context import Client, Server
 
 
@@ -74,6 +74,11 @@ class Method(ABC):
                                 f"{', '.join(map(str, o.choices))} (got {self.hp[k]})")
         for k, v in self.hp.items():
             setattr(self, k, v)
+
+    def validate(self, cfg, info) -> None:
+        """Reject option values that cannot work with run `cfg` on dataset `info` (a
+        DatasetInfo): raise UserError naming the flag and its allowed range. Called by
+        RunConfig.validate, before any data is loaded; must be cheap."""
 
     # ---- client side -------------------------------------------------------------------
     def init_client(self, client: "Client") -> None:

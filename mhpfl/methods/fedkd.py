@@ -36,11 +36,30 @@ client's compressed update (biases as absolute values). Bytes are those tensors,
 Defaults and their sources (docs/sources.md, B2):
 - T_start = 0.95, T_end = 0.98: official code (`--tmin`, `--tmax`, parameters.py).
 - Loss: official code (model_bert.py): no temperature, no detach (gradients flow through both
-  softmaxes and through the 1/(CE_t + CE_s) factor), hidden term counted once per model.
-  KL uses batch-mean reduction (the KL per sample); the official nn.KLDivLoss() default
-  averages over classes too (a further 1/C). The official code has BERT hidden states and
-  attention maps; a CNN has neither attention nor matching layers, so the hidden loss is the
-  MSE of the 500-d representations (which every zoo model has).
+  softmaxes and through the 1/(CE_t + CE_s) factor), hidden term counted once per model. The
+  official code has BERT hidden states and attention maps; a CNN has neither attention nor
+  matching layers, so the hidden loss is the MSE of the 500-d representations (which every zoo
+  model has).
+- KL scale (--kl-reduction), which the paper leaves open: `mean` averages over the batch and the
+  C classes, as the official nn.KLDivLoss() default; `batchmean` is the KL per sample (C = 10
+  times larger here). Chosen on validation (why FedKD scored below Standalone, issue 12):
+  Fashion-MNIST, N = 10, C = 100%, 10% of the training data, 10 rounds, mean validation
+  accuracy after the last round over seeds 0, 1, 2 (per seed):
+      Standalone                                   96.31  (94.67, 96.62, 97.63)
+      FedKD, kl batchmean (previous default)       93.34  (91.43, 93.33, 95.25)
+      FedKD, kl mean (official; the default now)   95.58  (92.52, 96.60, 97.63)
+      batchmean, no 1/(CE_t + CE_s) factor         94.70  (93.11, 95.15, 95.85)
+      batchmean, factor without gradient           92.11  (87.01, 93.77, 95.54)
+      batchmean, no hidden loss                    87.38  (85.52, 83.48, 93.15)
+      batchmean, mentor trained by CE only         90.86  (92.44, 92.48, 87.67)
+  The per-sample KL, ten times the official code's, explains most of the deficit: at the
+  official scale FedKD is 0.7 points below Standalone on average and equal on two seeds of
+  three. The adaptive factor and the hidden loss are the paper's and stay (dropping the hidden
+  loss costs 6 points); the factor keeps its gradient (official code; treating it as a
+  constant was worse). The mentor is evaluated after the round's distillation (the model the
+  client keeps); a mentor that only teaches (CE only, still pushed through the factor's
+  gradient) was not better. Seed 0 is unstable for every variant (a client collapsing in some
+  rounds), so differences under ~2 points are within noise.
 - Learned projection W_h on the mentee's hidden state: the paper's hidden loss and the issue;
   the official code builds such layers but does not use them. --hidden-proj false turns it off.
 - mentee = cnn5: our choice (the issue's). Uniform aggregation: the official code's np.mean.
@@ -119,27 +138,43 @@ def apply(message: Message, base: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # ---- adaptive mutual distillation ---------------------------------------------------------
-def adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj: nn.Module | None = None) -> dict:
-    """FedKD's per-batch losses (t: mentor, s: mentee); `total` is what is minimised."""
+def adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj: nn.Module | None = None, *,
+                     kl: str = "batchmean", temperature: float = 1.0, adaptive: bool = True,
+                     hidden: bool = True, mentor_distill: bool = True, scale_grad: bool = True) -> dict:
+    """FedKD's per-batch losses (t: mentor, s: mentee); `total` is what is minimised.
+
+    kl: "batchmean" (KL per sample, the paper's KL) or "mean" (the official nn.KLDivLoss()
+    default, a further 1/C); temperature T softens both softmaxes (KL scaled by T^2; the paper
+    and official code: T = 1); adaptive=False drops the 1/(CE_t + CE_s) factor; hidden=False
+    drops the hidden loss; mentor_distill=False trains the mentor with CE only (one-way);
+    scale_grad=False treats 1/(CE_t + CE_s) as a constant weight (no gradient through it)."""
     ce_t, ce_s = F.cross_entropy(t_logits, y), F.cross_entropy(s_logits, y)
-    scale = ce_t + ce_s
-    kl_t = F.kl_div(F.log_softmax(t_logits, 1), F.softmax(s_logits, 1), reduction="batchmean")
-    kl_s = F.kl_div(F.log_softmax(s_logits, 1), F.softmax(t_logits, 1), reduction="batchmean")
-    hidden = F.mse_loss(s_rep if proj is None else proj(s_rep), t_rep)
-    mentor = ce_t + (kl_t + hidden) / scale
-    mentee = ce_s + (kl_s + hidden) / scale
-    return {"ce_t": ce_t, "ce_s": ce_s, "kl_t": kl_t, "kl_s": kl_s, "hidden": hidden,
+    if not mentor_distill:  # the mentor only teaches: no gradient reaches it from distillation
+        t_logits, t_rep = t_logits.detach(), t_rep.detach()
+    scale = (ce_t + ce_s if scale_grad else (ce_t + ce_s).detach()) if adaptive else torch.ones_like(ce_t)
+    tt, ts = t_logits / temperature, s_logits / temperature
+    k = temperature ** 2
+    k = k / t_logits.shape[1] if kl == "mean" else k  # "mean": torch's elementwise mean, = batchmean / C
+    kl_t = k * F.kl_div(F.log_softmax(tt, 1), F.softmax(ts, 1), reduction="batchmean")
+    kl_s = k * F.kl_div(F.log_softmax(ts, 1), F.softmax(tt, 1), reduction="batchmean")
+    hid = F.mse_loss(s_rep if proj is None else proj(s_rep), t_rep) if hidden else torch.zeros_like(ce_t)
+    mentor = ce_t + ((kl_t + hid) / scale if mentor_distill else 0.0)
+    mentee = ce_s + (kl_s + hid) / scale
+    return {"ce_t": ce_t, "ce_s": ce_s, "kl_t": kl_t, "kl_s": kl_s, "hidden": hid,
             "mentor": mentor, "mentee": mentee, "total": mentor + mentee}
 
 
 class FedKD(Method):
     name = "fedkd"
+    version = "2"
     description = "private mentor + shared mentee by adaptive mutual distillation; SVD-compressed mentee updates"
     options = {
         "mentee": Option("cnn5", "architecture of the shared mentee", choices=tuple(CNN_SPECS)),
         "t_start": Option(0.95, "SVD energy threshold in round 1 (rises linearly)"),
         "t_end": Option(0.98, "SVD energy threshold in the last round"),
         "hidden_proj": Option(True, "learned projection of the mentee's hidden state in the hidden loss"),
+        "kl_reduction": Option("mean", "KL scale: mean over batch and classes (official code) or "
+                                       "batchmean (KL per sample)", choices=("mean", "batchmean")),
         "weighting": Option("uniform", "server average of updates: uniform or by sample count",
                             choices=("uniform", "samples")),
     }
@@ -170,7 +205,7 @@ class FedKD(Method):
         def loss(x, y):
             t_logits, t_rep = mentor(x, return_rep=True)
             s_logits, s_rep = mentee(x, return_rep=True)
-            return adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj)["total"]
+            return adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj, kl=self.kl_reduction)["total"]
 
         params = [*mentor.parameters(), *mentee.parameters(), *(proj.parameters() if proj else ())]
         client.fit(params, loss)

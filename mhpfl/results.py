@@ -1,0 +1,73 @@
+"""Reading a finished run's `summary.json`: the one place its schema is checked.
+
+A result file is trusted only if it parses as a JSON object and carries every field in
+`REQUIRED_FIELDS`. `mhpfl bench` (whether a cached run is finished), `mhpfl report`,
+`mhpfl compare` and `mhpfl check` all read summaries through `load_summary`, so a damaged or
+truncated file (a full disk, a partial copy or sync, a hand edit) is named by path in a
+one-line error instead of a traceback, and bench reruns it instead of trusting it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mhpfl.errors import UserError
+
+SUMMARY = "summary.json"
+
+# Fields the consumers of a summary rely on (the engine writes more): compare and check read
+# the first nine, the report the rest too.
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "method", "config", "best_mean_acc", "final_mean_acc", "bytes_up", "bytes_down", "train_flops",
+    "rounds_run", "wall_seconds",
+    "selected_mean_acc", "selected_weighted_acc", "selected_mean_acc_participated", "selected_round",
+    "converged", "never_participated", "final_std_acc", "per_client_selected_acc",
+)
+
+
+class DamagedResult(UserError):
+    """A summary.json that exists but cannot be trusted (unparsable or missing fields)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is damaged ({why}); delete its run folder and rerun it "
+                         "(mhpfl bench reruns damaged runs by itself)")
+        self.path, self.why = path, why
+
+
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """The summary at `path` (a summary.json or a run folder holding one), checked against
+    REQUIRED_FIELDS. Raises UserError naming the file if it is absent or damaged."""
+    path = Path(path)
+    if path.is_dir() or path.name != SUMMARY:
+        path = path / SUMMARY
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: the run in {path.parent} has not finished "
+                        f"(run 'mhpfl run ... --out {path.parent}' first)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedResult(path, f"unreadable: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    try:
+        s = json.loads(text)
+    except ValueError as e:
+        raise DamagedResult(path, f"not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(s, dict):
+        raise DamagedResult(path, f"expected a JSON object, found {type(s).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if f not in s]
+    if missing:
+        raise DamagedResult(path, f"missing field(s) {', '.join(missing)}")
+    if not isinstance(s["config"], dict):
+        raise DamagedResult(path, "field config is not an object")
+    return s
+
+
+def summary_state(run_dir: str | Path) -> str:
+    """'finished' (a trustworthy summary), 'absent' (none) or 'damaged'."""
+    try:
+        load_summary(Path(run_dir) / SUMMARY)
+    except DamagedResult:
+        return "damaged"
+    except UserError:
+        return "absent"
+    return "finished"

@@ -1,0 +1,81 @@
+"""Commands that only parse arguments or list things answer without importing torch, peft or
+fvcore (seconds of start-up); the start-up catalog they read is current."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "peft", "fvcore", "torchvision", "pandas")
+
+PROBE = """
+import sys
+from mhpfl.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as e:  # argparse: --help exits 0, an argument error 2
+    code = e.code
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print("RESULT", code, ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["--help"], 0),
+    (["list"], 0),
+    (["run", "pfedlora", "--help"], 0),
+    (["run", "fedkd", "--help"], 0),
+    (["run", "standalone", "--rounds", "x"], 2),  # argparse error
+    (["run", "pfedlora", "--no-such-flag"], 2),
+    (["run", "nosuch"], 2),  # unknown method
+    (["bench", "--help"], 0),
+    (["report", "--help"], 0),
+    (["check", "--help"], 0),
+    (["compare", "--help"], 0),
+])
+def test_metadata_commands_do_not_import_torch(argv, code):
+    p = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv, heavy=HEAVY)], capture_output=True,
+                       text=True, timeout=120)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT"))
+    _, got, heavy = (line.split(" ") + [""])[:3]
+    assert int(got) == code, p.stdout + p.stderr
+    assert heavy == "", (f"'mhpfl {' '.join(argv)}' imported {heavy}; if a method's options changed, "
+                         "regenerate the catalog: python -m mhpfl.catalog")
+
+
+def test_catalog_is_current():
+    """catalog.json equals what the live classes say (regenerate: python -m mhpfl.catalog)."""
+    from mhpfl import catalog
+
+    assert json.loads(catalog.CATALOG.read_text()) == json.loads(catalog.render(catalog.build())), (
+        "mhpfl/catalog.json is stale: run python -m mhpfl.catalog")
+
+
+def test_stale_catalog_entry_falls_back_to_the_class(monkeypatch, tmp_path):
+    """An entry whose source changed is never used: the command line imports the class."""
+    from mhpfl import catalog
+    from mhpfl.cli import _method_meta
+    from mhpfl.methods.pfedlora import PFedLoRA
+
+    data = json.loads(catalog.CATALOG.read_text())
+    data["methods"]["pfedlora"]["sha256"] = "0" * 64
+    data["methods"]["pfedlora"]["options"]["rank"]["default"] = 99
+    f = tmp_path / "catalog.json"
+    f.write_text(json.dumps(data))
+    monkeypatch.setattr(catalog, "CATALOG", f)
+    assert catalog.method_info("pfedlora") is None
+    assert _method_meta("pfedlora") is PFedLoRA
+    assert catalog.method_info("fedkd").options["mentee"].default == "cnn5"  # others still fresh
+
+
+def test_run_help_prints_each_default_once_and_explains_clients(capsys):
+    from mhpfl.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "standalone", "--help"])
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    for flag in ("--partition", "--data-root", "--lr", "--clients"):
+        help_ = flat.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert help_.count("default") <= 1, help_
+    assert "N*K must be divisible by the number of classes" in flat
