@@ -78,3 +78,13 @@ def test_reference_of_another_suite_is_refused(tmp_path, data_root, capsys):
     assert "not 'mini'" in err and "\n" not in err
     assert main(["check", "--suite", str(suite_file), "--reference", str(tmp_path / "none.json")]) == 2
     assert "mhpfl check --update" in capsys.readouterr().err
+
+
+def test_a_reference_without_a_metric_is_a_failure_not_a_crash():
+    from mhpfl.benchmark.check import compare
+
+    now = {"r": {"method": "m", "selected_mean_acc": 50.0, "best_mean_acc": 50.0, "final_mean_acc": 50.0,
+                 "bytes_up": 1, "bytes_down": 1, "train_flops": 1}}
+    old = {"r": {k: v for k, v in now["r"].items() if k != "selected_mean_acc"}}
+    df, bad = compare(old, now, {}, default_tol=2.0, tol_per_method={}, bytes_rel={})
+    assert bad and "selected_mean_acc" in df["metric"].iloc[0] and "--update" in df["status"].iloc[0]

@@ -106,6 +106,12 @@ def compare(ref_runs: dict[str, dict], now: dict[str, dict], failed: dict[str, s
             continue
         m = n["method"]
         tol = tol_per_method.get(m, default_tol)
+        missing = [k for k in (*ACC_METRICS, *EXACT_METRICS) if k not in r]
+        if missing:  # a reference written before these metrics existed
+            rows.append([rid, ", ".join(missing), "", "", "", "",
+                         "FAIL: not in the reference (run 'mhpfl check --update')"])
+            bad = True
+            continue
         for k in ACC_METRICS:
             d = n[k] - r[k]
             if d == 0:
