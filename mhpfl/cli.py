@@ -144,9 +144,9 @@ def cmd_run(argv: list[str]) -> int:
             fields[f] = getattr(args, f)
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     cfg = RunConfig(method=args.method, method_options=opts, **fields)
-    cfg.validate()  # every impossible setting fails here, before any data is loaded
     if args.flower_app and args.engine != "flower":
         raise UserError("--flower-app needs --engine flower")
+    cfg.validate()  # every impossible setting fails here, before any data is loaded
 
     import os
     import shutil
@@ -264,8 +264,8 @@ def cmd_compare(argv: list[str]) -> int:
     rows = []
     for d, s, f in zip(args.runs, summaries, flat):
         r = max(s["rounds_run"], 1)
-        rows.append({"run": d, "method": s["method"], "engine": s.get("engine", "inprocess"), "seed": f.get("--seed"),
-                     **{k: f.get(k, "") for k in differ},
+        rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
+                     **{k: f.get(k, "") for k in differ}, "engine": s.get("engine", "inprocess"),
                      "acc % (val-selected)": round(s["selected_mean_acc"], 2),
                      "best acc % (on test)": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
                      "converged": s["converged"],

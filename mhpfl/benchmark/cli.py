@@ -70,7 +70,7 @@ def cmd_bench(argv: list[str]) -> int:
     if args.executor == "ray":
         from mhpfl.benchmark.ray_executor import RayOptions
 
-        if args.jobs != 1:
+        if args.jobs not in (None, 1):
             raise UserError("--jobs is for --executor local; with --executor ray every run is a Ray task "
                             "(size them with --run-cpus / --run-gpus)")
         ray_opts = RayOptions(address=args.address, run_cpus=args.run_cpus, run_gpus=args.run_gpus,

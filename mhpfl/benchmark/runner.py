@@ -248,6 +248,10 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
                 log(f"  {e.run_id}: damaged result {bad.path} ({bad.why}); running it again")
         todo = [e for e in runs.values() if force or not finished(out, e)]
         if executor == "local":
+            from mhpfl.methods import _REGISTERED
+
+            if jobs is None and any(e.method in _REGISTERED for e in todo):
+                jobs = 1  # a method registered in this process only is invisible to worker processes
             jobs, threads = plan_workers(_available_cores(), len(todo), jobs, threads)
         else:
             jobs = jobs or 1
