@@ -165,11 +165,6 @@ class Client:
         with self.evaluating():
             return int(sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False)))
 
-    def accuracy(self, predict: Callable[[torch.Tensor], torch.Tensor], split: Split,
-                 batch_size: int = INFER_BATCH) -> float:
-        """Percent of `split` that predict(x)'s argmax gets right (NaN for an empty split)."""
-        return 100.0 * self.correct(predict, split, batch_size) / len(split) if len(split) else float("nan")
-
 
 class Server:
     """The server's context: its state, a seeded random stream, and what it may know."""
