@@ -44,6 +44,11 @@ class RunConfig:
         if not self.partition and self.dataset in PAPER_K:
             self.partition = f"pathological:{PAPER_K[self.dataset]}"
 
+    @property
+    def per_round(self) -> int:
+        """Participants per round: round(frac x clients), at least one (frac must be in (0, 1])."""
+        return max(1, int(round(self.frac * self.clients)))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -89,8 +94,8 @@ class RunConfig:
              or round(self.public_size * self.train_fraction) <= self.val_size,
              f"--public-size ({self.public_size}) x --train-fraction must not exceed --val-size "
              f"({self.val_size}) when the public pool is held out of the training pool"),
-            (self.rounds * max(1, int(round(self.frac * self.clients))) >= self.clients,
-             f"--rounds {self.rounds} x {max(1, int(round(self.frac * self.clients)))} participants per "
+            (not 0 < self.frac <= 1 or self.rounds * self.per_round >= self.clients,
+             f"--rounds {self.rounds} x {self.per_round if 0 < self.frac <= 1 else '?'} participants per "
              f"round cannot give each of the {self.clients} clients a participation; raise --rounds or --frac"),
             (self.zoo in ZOOS, f"unknown zoo '{self.zoo}'; choose one of {', '.join(ZOOS)}"),
         ]

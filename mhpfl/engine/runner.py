@@ -68,7 +68,7 @@ def wire(message: Any, method: str, direction: str) -> dict[str, torch.Tensor]:
 
 
 def participants(cfg: RunConfig, round_: int) -> list[int]:
-    m = max(1, int(round(cfg.frac * cfg.clients)))
+    m = cfg.per_round
     return sorted(np_rng(cfg.seed, "sample", round_).choice(cfg.clients, m, replace=False).tolist())
 
 
