@@ -45,6 +45,9 @@ def pytest_terminal_summary(terminalreporter):
     w(f"== round time vs floor: {cpu_model()}, {THREADS} thread(s), torch {torch.__version__} ==")
     if "peak" in PEAK:
         w(f"peak fp32 (matmul): {PEAK['peak'] / 1e9:.1f} GFLOP/s")
+    for k, v in PEAK.items():
+        if k.startswith("batched "):
+            w(f"{k} clients in one vmap step vs one at a time: {v:.2f}x (> 1: batching is faster)")
     if "startup" in PEAK:
         w(f"start-up (process start -> first round, incl. the round-0 evaluation): {PEAK['startup']:.2f} s")
     if RESULTS:

@@ -78,7 +78,8 @@ def method_info(name: str) -> MethodInfo | None:
     e = _fresh(_load().get("methods", {}).get(name))
     if e is None or e["source"] != _method_source(BUILTIN[name]):
         return None
-    opts = {k: Option(o["default"], o["help"], tuple(o["choices"]) if o["choices"] is not None else None)
+    opts = {k: Option(o["default"], o["help"], tuple(o["choices"]) if o["choices"] is not None else None,
+                      interval=o.get("interval"))
             for k, o in e["options"].items()}
     return MethodInfo(name, e["description"], tuple(e["zoos"]), opts)
 
@@ -110,7 +111,8 @@ def build() -> dict[str, Any]:
         methods[name] = {
             "source": src, "sha256": _sha(src), "description": cls.description, "zoos": list(cls.zoos),
             "options": {k: {"default": o.default, "help": o.help,
-                            "choices": list(o.choices) if o.choices is not None else None}
+                            "choices": list(o.choices) if o.choices is not None else None,
+                            "interval": o.interval}
                         for k, o in cls.options.items()}}
     return {
         "methods": methods,

@@ -47,7 +47,8 @@ def _method_options_group(parser: argparse.ArgumentParser, method_cls) -> None:
         extra = {"choices": opt.choices} if opt.choices else {}
         g.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", metavar=type(opt.default).__name__.upper(),
                        type=_opt_parser(name, opt), default=None,
-                       help=f"{opt.help} (default: {opt.default})", **extra)
+                       help=f"{opt.help} (default: {opt.default}"
+                            + (f"; in {opt.interval})" if opt.interval else ")"), **extra)
 
 
 def _opt_parser(name, opt):

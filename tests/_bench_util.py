@@ -1,6 +1,7 @@
 """Helpers of the tests/test_bench_*.py files: tiny suite files and in-process test methods."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -55,3 +56,8 @@ class Probe(Method):
             out = torch.zeros_like(out)
             out[:, 0] = 1.0
         return out
+
+
+def squash(md: str) -> str:
+    """A markdown table with its cell padding collapsed ("| a   |   b |" -> "| a | b |")."""
+    return re.sub(r" {2,}", " ", md)

@@ -111,9 +111,27 @@ def test_public_pool_is_held_out_or_named(tiny_cfg):
     ("lgfedavg", {"weighting": "x"}, "lgfedavg: --weighting must be one of samples, uniform"),
     ("fml", {"meme": "resnet"}, "fml: --meme must be one of cnn1"),
     ("pfedlora", {"ranks": 4}, "pfedlora has no option ranks"),
+    ("fml", {"alpha": 1.5}, r"fml: --alpha must be in \[0, 1\] \(got 1.5\)"),
+    ("fedkd", {"t_start": 0.0}, r"fedkd: --t-start must be in \(0, 1\]"),
+    ("fd", {"temperature": 0.0}, r"fd: --temperature must be in \(0, inf\)"),
+    ("fedproto", {"ld": float("nan")}, r"fedproto: --ld must be in \[0, inf\) \(got nan\)"),
+    ("fedmd", {"digest_batch": 0}, r"fedmd: --digest-batch must be in \[1, inf\)"),
+    ("pfedlora", {"adapter_epochs": -1}, r"pfedlora: --adapter-epochs must be in \[0, inf\)"),
 ])
 def test_method_options_are_checked_once_for_every_method(method, opts, msg):
     from mhpfl.methods import get_method
 
     with pytest.raises(UserError, match=msg):
         get_method(method)(**opts)
+
+
+def test_every_numeric_option_of_a_builtin_method_has_a_range():
+    from mhpfl.methods import BUILTIN, get_method
+    from mhpfl.methods.base import in_interval
+
+    for name in BUILTIN:
+        for k, o in get_method(name).options.items():
+            if isinstance(o.default, (int, float)) and not isinstance(o.default, bool):
+                assert o.interval is not None, f"{name} --{k} has no interval"
+                assert in_interval(o.default, o.interval), f"{name} --{k}: default outside {o.interval}"
+    assert in_interval(1, "[1, inf)") and not in_interval(1, "(1, inf)") and not in_interval(1.0, "[0, 1)")

@@ -1,7 +1,6 @@
 """FedMD on fair terms: the public pool's size, named public datasets, and the extra-data mark."""
 from __future__ import annotations
 
-import gzip
 import struct
 
 import numpy as np

@@ -124,14 +124,14 @@ def test_check_collect_names_a_damaged_summary(tmp_path, data_root):
     (["standalone", "--lr", "nan"], ["--lr"]),
     (["standalone", "--lr", "0"], ["--lr"]),
     (["standalone", "--seed", "-1"], ["--seed", ">= 0"]),
-    (["pfedlora", "--rank", "0"], ["--rank", "[1, 10]"]),
+    (["pfedlora", "--rank", "0"], ["--rank", "[1, inf)"]),  # the option's interval; the zoo's bound below
     (["pfedlora", "--rank", "100000"], ["--rank", "[1, 10]", "fc3"]),
     (["pfedlora", "--rank", "17", "--adapter", "conv1"], ["--rank", "[1, 16]"]),
     (["pfedlora", "--rank", "3200", "--adapter", "model"], ["--rank", "[1, 3136]"]),
     (["pfedlora", "--adapter", "fc9"], ["--adapter", "fc9"]),
     (["pfedlora", "--adapter", ","], ["--adapter"]),
     (["pfedlora", "--adapter", "pool"], ["--adapter", "'pool'"]),  # exists, but not Linear/Conv2d
-    (["pfedlora", "--lora-alpha", "-1"], ["--lora-alpha", ">= 0"]),
+    (["pfedlora", "--lora-alpha", "-1"], ["--lora-alpha", "[0, inf)"]),
 ])
 def test_nonsense_is_refused_before_data_loads(tmp_path, capsys, args, needles):
     """CIFAR-10 from an empty data root with --no-download: had the check not fired, the error

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from tests._bench_util import squash
 from mhpfl.benchmark.report import ACC_VIEWS, Results, accuracy_tables, paired_difference
 
 METHODS = ["fedmd", "fd", "pfedlora"]
@@ -39,7 +40,7 @@ def test_paired_difference_is_a_t_interval_over_seeds():
 
 def test_main_table_shows_the_validation_selected_accuracy_and_marks_extra_data():
     md, tex, csv = accuracy_tables(results())
-    main = md.split("\n## ")[0]
+    main = squash(md.split("\n## ")[0])
     assert "| FedMD† | **91.00 ± 1.00** |" in main  # selected accuracy ("acc"), the mean over 3 seeds
     assert "at the round with the best mean validation accuracy" in main
     assert "FedMD† uses labelled public data (public pool: 120 samples in FMNIST (10, 100%))" in main
@@ -50,11 +51,12 @@ def test_main_table_shows_the_validation_selected_accuracy_and_marks_extra_data(
     for col, (_, text) in ACC_VIEWS.items():
         if col != "acc":
             assert text[1:] in md
-    assert r"FedMD$^\dagger$" in tex
+    assert r"FedMD$^\dagger$ & \textbf{91.00 $\pm$ 1.00} \\" in tex  # booktabs tabular, best in bold
+    assert tex.startswith("% ") and r"\toprule" in tex and r"\bottomrule" in tex
     assert "acc_participated_mean" in csv.splitlines()[0]
 
 
 def test_unconverged_cells_are_marked():
     md, _, _ = accuracy_tables(results(converged=False))
-    assert "| FD | 81.00 ± 2.65‡ |" in md.split("\n## ")[0]
+    assert "| FD | 81.00 ± 2.65‡ |" in squash(md.split("\n## ")[0])
     assert "‡: at least one seed did not converge" in md

@@ -255,9 +255,9 @@ def times(x: float) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    """A GitHub-markdown table (pandas' to_markdown, via tabulate); cells are preformatted text."""
+    return pd.DataFrame(rows, columns=header).to_markdown(
+        index=False, disable_numparse=True, colalign=["left"] + ["right"] * (len(header) - 1)) + "\n"
 
 
 def tex_escape(s: str) -> str:
@@ -270,15 +270,15 @@ def tex_escape(s: str) -> str:
 
 def tex_table(header: list[str], rows: list[list[str]], bold: set[tuple[int, int]] = frozenset(),
               caption: str = "") -> str:
-    out = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-           " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
-    for i, r in enumerate(rows):
-        cells = [(r"\textbf{" + tex_escape(c) + "}") if (i, j) in bold else tex_escape(c) for j, c in enumerate(r)]
-        out.append(" & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        out.insert(0, f"% {caption}")
-    return "\n".join(out) + "\n"
+    """A booktabs tabular (pandas' Styler.to_latex); `bold` holds (row, column) cells to set in bold,
+    `caption` goes in a comment line above it."""
+    df = pd.DataFrame([[tex_escape(c) for c in r] for r in rows], columns=[tex_escape(h) for h in header])
+    mask = pd.DataFrame([[(i, j) in bold for j in range(len(header))] for i in range(len(rows))],
+                        columns=df.columns, dtype=bool)
+    styler = df.style.hide(axis="index").apply(
+        lambda _: np.where(mask, "textbf: --rwrap;", ""), axis=None)
+    out = styler.to_latex(column_format="l" + "r" * (len(header) - 1), hrules=True)
+    return (f"% {caption}\n" if caption else "") + out
 
 
 # ---- tables -------------------------------------------------------------------------------------

@@ -119,7 +119,6 @@ def check_public_pair(name: str, info: DatasetInfo) -> None:
 
 def _named_public(name: str, info: DatasetInfo, size: int, seed: int, data_root, download, device) -> Split:
     """`size` seeded samples of another dataset's training split, as a labelled public pool."""
-    from mhpfl.errors import UserError
     from mhpfl.seeding import np_rng
 
     check_public_pair(name, info)

@@ -35,6 +35,15 @@ class Option:
     help: str
     choices: Sequence[Any] | None = None
     type: Callable[[str], Any] | None = None  # parser for the CLI; default: type(default)
+    interval: str | None = None  # allowed numbers in interval notation: "[0, 1]", "(0, inf)", ...
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed ("must be ..."), or None when it is."""
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if self.interval is not None and not in_interval(value, self.interval):
+            return f"must be in {self.interval}"
+        return None
 
     def parse(self, text: str) -> Any:
         if self.type is not None:
@@ -46,6 +55,15 @@ class Option:
                 return False
             raise ValueError(f"expected true or false, got '{text}'")
         return type(self.default)(text) if self.default is not None else text
+
+
+def in_interval(value: Any, interval: str) -> bool:
+    """Whether number `value` lies in `interval`, written "[lo, hi]" with ( or ) for an open end
+    and inf for no bound (NaN lies in none)."""
+    lo, hi = (float(t) for t in interval[1:-1].split(","))
+    v = float(value)
+    return ((lo <= v if interval[0] == "[" else lo < v)
+            and (v <= hi if interval[-1] == "]" else v < hi))
 
 
 class Method(ABC):
@@ -69,9 +87,9 @@ class Method(ABC):
                             f"see 'mhpfl run {self.name} --help'")
         self.hp = {k: opts.get(k, o.default) for k, o in self.options.items()}
         for k, o in self.options.items():
-            if o.choices is not None and self.hp[k] not in o.choices:
-                raise UserError(f"{self.name}: --{k.replace('_', '-')} must be one of "
-                                f"{', '.join(map(str, o.choices))} (got {self.hp[k]})")
+            why = o.problem(self.hp[k])
+            if why is not None:
+                raise UserError(f"{self.name}: --{k.replace('_', '-')} {why} (got {self.hp[k]})")
         for k, v in self.hp.items():
             setattr(self, k, v)
 

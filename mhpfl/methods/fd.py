@@ -40,7 +40,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mhpfl.errors import UserError
 from mhpfl.methods.base import Method, Option
 
 
@@ -61,19 +60,14 @@ class FD(Method):
     name = "fd"
     description = "federated distillation: per-label average logits exchanged, distilled alongside CE"
     options = {
-        "gamma": Option(1.0, "weight of the distillation term (paper value not found; our choice)"),
-        "temperature": Option(1.0, "softmax temperature of the distillation term (paper: none; our choice)"),
+        "gamma": Option(1.0, "weight of the distillation term (paper value not found; our choice)",
+                        interval="[0, inf)"),
+        "temperature": Option(1.0, "softmax temperature of the distillation term (paper: none; our choice)",
+                              interval="(0, inf)"),
         "exclude_own": Option(True, "a client's target excludes its own logits (FD's per-device average)"),
         "keep_old": Option(True, "server keeps every client's latest logits across rounds "
                                  "(false: only the previous round's uploads)"),
     }
-
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        if self.temperature <= 0:
-            raise UserError(f"fd: --temperature must be > 0 (got {self.temperature})")
-        if self.gamma < 0:
-            raise UserError(f"fd: --gamma must be >= 0 (got {self.gamma})")
 
     # ---- client: keeps F_k; distils toward the others' per-label logits -------------------
     def client_update(self, client, message, phase):

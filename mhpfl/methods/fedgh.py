@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhpfl.errors import UserError
 from mhpfl.methods.base import Method, Option
 from mhpfl.methods.zoo import require_common_rep
 from mhpfl.seeding import seed_torch
@@ -53,16 +52,13 @@ class FedGH(Method):
     name = "fedgh"
     description = "server trains a shared prediction header on the clients' class-mean representations"
     options = {
-        "server_epochs": Option(1, "passes of the server over the round's uploaded prototypes (released script: 1)"),
-        "server_batch": Option(1, "prototypes per server SGD step (released script: 1; HtFLlib: the batch size)"),
-        "server_lr": Option(0.0, "server learning rate; 0 means the run's --lr (released script)"),
+        "server_epochs": Option(1, "passes of the server over the round's uploaded prototypes (released script: 1)",
+                                interval="[1, inf)"),
+        "server_batch": Option(1, "prototypes per server SGD step (released script: 1; HtFLlib: the batch size)",
+                               interval="[1, inf)"),
+        "server_lr": Option(0.0, "server learning rate; 0 means the run's --lr (released script)",
+                            interval="[0, inf)"),
     }
-
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        if self.server_epochs < 1 or self.server_batch < 1 or self.server_lr < 0:
-            raise UserError("fedgh: --server-epochs and --server-batch must be >= 1 and --server-lr >= 0 "
-                            f"(got {self.server_epochs}, {self.server_batch}, {self.server_lr})")
 
     def validate(self, cfg, info):
         require_common_rep(self.name, cfg, info)

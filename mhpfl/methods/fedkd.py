@@ -72,7 +72,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhpfl.messages import message_bytes
-from mhpfl.errors import UserError
 from mhpfl.methods.base import Message, Method, Option
 from mhpfl.models import CNN_SPECS, REP_DIM
 from mhpfl.seeding import seed_torch
@@ -143,7 +142,7 @@ def adaptive_kd_loss(t_logits, t_rep, s_logits, s_rep, y, proj: nn.Module | None
                      hidden: bool = True, mentor_distill: bool = True, scale_grad: bool = True) -> dict:
     """FedKD's per-batch losses (t: mentor, s: mentee); `total` is what is minimised.
 
-    kl: "batchmean" (KL per sample, the paper's KL) or "mean" (the official nn.KLDivLoss()
+    kl: "batchmean" (KL per sample) or "mean" (the official nn.KLDivLoss()
     default, a further 1/C); temperature T softens both softmaxes (KL scaled by T^2; the paper
     and official code: T = 1); adaptive=False drops the 1/(CE_t + CE_s) factor; hidden=False
     drops the hidden loss; mentor_distill=False trains the mentor with CE only (one-way);
@@ -170,19 +169,14 @@ class FedKD(Method):
     description = "private mentor + shared mentee by adaptive mutual distillation; SVD-compressed mentee updates"
     options = {
         "mentee": Option("cnn5", "architecture of the shared mentee", choices=tuple(CNN_SPECS)),
-        "t_start": Option(0.95, "SVD energy threshold in round 1 (rises linearly)"),
-        "t_end": Option(0.98, "SVD energy threshold in the last round"),
+        "t_start": Option(0.95, "SVD energy threshold in round 1 (rises linearly)", interval="(0, 1]"),
+        "t_end": Option(0.98, "SVD energy threshold in the last round", interval="(0, 1]"),
         "hidden_proj": Option(True, "learned projection of the mentee's hidden state in the hidden loss"),
         "kl_reduction": Option("mean", "KL scale: mean over batch and classes (official code) or "
                                        "batchmean (KL per sample)", choices=("mean", "batchmean")),
         "weighting": Option("uniform", "server average of updates: uniform or by sample count",
                             choices=("uniform", "samples")),
     }
-
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        if not 0 < self.t_start <= 1 or not 0 < self.t_end <= 1:
-            raise UserError(f"fedkd: --t-start and --t-end must be in (0, 1] (got {self.t_start}, {self.t_end})")
 
     def energy(self, round_: int, rounds: int) -> float:
         return energy_threshold(round_, rounds, self.t_start, self.t_end)

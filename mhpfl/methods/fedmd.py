@@ -55,22 +55,18 @@ class FedMD(Method):
     phases = ("communicate", "digest")
     extra_data = "labelled public data"
     options = {
-        "public_subset": Option(5000, "public samples drawn per round for the consensus (capped at --public-size)"),
-        "digest_epochs": Option(1, "epochs of training toward the consensus on the public subset"),
-        "digest_batch": Option(256, "batch size of the digest phase"),
-        "revisit_epochs": Option(0, "private epochs after digesting; 0 means the same as --local-epochs"),
-        "transfer_public_epochs": Option(5, "transfer learning before round 1: epochs on the public pool"),
-        "transfer_private_epochs": Option(5, "transfer learning before round 1: then epochs on private data"),
+        "public_subset": Option(5000, "public samples drawn per round for the consensus (capped at --public-size)",
+                                interval="[1, inf)"),
+        "digest_epochs": Option(1, "epochs of training toward the consensus on the public subset",
+                                interval="[1, inf)"),
+        "digest_batch": Option(256, "batch size of the digest phase", interval="[1, inf)"),
+        "revisit_epochs": Option(0, "private epochs after digesting; 0 means the same as --local-epochs",
+                                 interval="[0, inf)"),
+        "transfer_public_epochs": Option(5, "transfer learning at first participation: epochs on the public pool",
+                                         interval="[0, inf)"),
+        "transfer_private_epochs": Option(5, "transfer learning at first participation: then epochs on private data",
+                                          interval="[0, inf)"),
     }
-
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        for k in ("public_subset", "digest_epochs", "digest_batch"):
-            if self.hp[k] < 1:
-                raise UserError(f"fedmd: --{k.replace('_', '-')} must be >= 1 (got {self.hp[k]})")
-        for k in ("revisit_epochs", "transfer_public_epochs", "transfer_private_epochs"):
-            if self.hp[k] < 0:
-                raise UserError(f"fedmd: --{k.replace('_', '-')} must be >= 0 (got {self.hp[k]})")
 
     @staticmethod
     def _check_public(size: int) -> None:

@@ -74,7 +74,7 @@ class FedProto(Method):
     description = "per-class mean representations (prototypes) averaged; CE + lambda*MSE to global prototypes"
     eval_heads = ("head", "proto")
     options = {
-        "ld": Option(1.0, "lambda, weight of the prototype MSE term (official code default 1)"),
+        "ld": Option(1.0, "lambda, weight of the prototype MSE term (official code default 1)", interval="[0, inf)"),
         "weighting": Option("count", "server average of local prototypes: count (weighted by class "
                                      "sample counts) or uniform (official code)", choices=("count", "uniform")),
         "proto_classes": Option("own", "prototype head compares with the client's own classes "

@@ -13,8 +13,8 @@ class -> Linear(d, d) -> ReLU -> Linear(d, d), d = 500. Each round:
   - margin: average this round's uploaded prototypes per class (uniformly over clients); for each
     class, the distance to the nearest other class's average; classes without an average take the
     smallest such distance; margin = min(largest of these distances, tau);
-  - S server epochs over the uploaded (prototype p, label y) pairs, shuffled (seeded by
-    server.rng), in batches of the run's batch size, plain SGD at the run's lr, minimising
+  - S server epochs over the uploaded (prototype p, label y) pairs, shuffled (by the run's
+    seeded server stream for the round), in batches of the run's batch size, plain SGD at the run's lr, minimising
         CE(-(dist(p, G(c)) for c in classes) - margin * onehot(y), y)
     with dist the Euclidean distance: each prototype pulled to its class's global prototype and
     pushed at least `margin` further from the others (ACL);
@@ -86,9 +86,10 @@ class FedTGP(FedProto):
     eval_heads = ("proto", "head")
     weighting, proto_from = "uniform", "after"  # HtFLlib: unweighted uploads, prototypes after training
     options = {
-        "ld": Option(10.0, "lambda, weight of the prototype MSE term (paper and HtFLlib: 10)"),
-        "server_epochs": Option(100, "server epochs S of contrastive training per round (paper, HtFLlib: 100)"),
-        "tau": Option(100.0, "margin threshold tau (paper, HtFLlib: 100)"),
+        "ld": Option(10.0, "lambda, weight of the prototype MSE term (paper and HtFLlib: 10)", interval="[0, inf)"),
+        "server_epochs": Option(100, "server epochs S of contrastive training per round (paper, HtFLlib: 100)",
+                                interval="[0, inf)"),
+        "tau": Option(100.0, "margin threshold tau (paper, HtFLlib: 100)", interval="[0, inf)"),
         "proto_classes": Option("all", "prototype head compares with all classes (HtFLlib) or the "
                                        "client's own", choices=("own", "all")),
     }

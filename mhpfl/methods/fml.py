@@ -52,8 +52,8 @@ class FML(Method):
     description = "private model + shared meme model trained by deep mutual learning; memes averaged"
     options = {
         "meme": Option("cnn5", "architecture of the shared meme model", choices=tuple(CNN_SPECS)),
-        "alpha": Option(0.5, "weight of CE in the private model's loss (1-alpha: KL to the meme)"),
-        "beta": Option(0.5, "weight of CE in the meme's loss (1-beta: KL to the private model)"),
+        "alpha": Option(0.5, "weight of CE in the private model's loss (1-alpha: KL to the meme)", interval="[0, 1]"),
+        "beta": Option(0.5, "weight of CE in the meme's loss (1-beta: KL to the private model)", interval="[0, 1]"),
     }
 
     # ---- client: keeps F_k (private) and its copy of the meme ------------------------

@@ -67,7 +67,7 @@ class LGFedAvg(Method):
         "weighting": Option("samples", "server average weights: samples (training-sample counts) "
                                        "or uniform (official code)", choices=("samples", "uniform")),
         "warmup_rounds": Option(0, "first N rounds average every layer identical across the zoo "
-                                   "(the official code starts from FedAvg); 0: none"),
+                                   "(the official code starts from FedAvg); 0: none", interval="[0, inf)"),
     }
 
     def __init__(self, **opts):

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhpfl.engine import weighted_average
-from mhpfl.errors import UserError
 from mhpfl.methods.adapters import ParallelAdapter, check_reading, lora_targets
 from mhpfl.methods.base import Method, Option
 from mhpfl.methods.zoo import common_layers  # noqa: F401  (re-exported)
@@ -50,17 +49,14 @@ class PFedLoRA(Method):
         "adapter": Option("fc3", "the adapter: auto (LoRA on the layers identical across the zoo), "
                                   "layer names (LoRA on them, e.g. fc3 or conv1,fc3) or model (a small "
                                   "parallel low-rank model whose logits are added)"),
-        "rank": Option(8, "adapter rank r (the bottleneck width for --adapter model)"),
-        "lora_alpha": Option(0.0, "LoRA alpha (scaling alpha/r); 0 means alpha = r, scale 1"),
-        "adapter_epochs": Option(0, "epochs of the adapter phase; 0 means the same as --local-epochs"),
+        "rank": Option(8, "adapter rank r (the bottleneck width for --adapter model)", interval="[1, inf)"),
+        "lora_alpha": Option(0.0, "LoRA alpha (scaling alpha/r); 0 means alpha = r, scale 1", interval="[0, inf)"),
+        "adapter_epochs": Option(0, "epochs of the adapter phase; 0 means the same as --local-epochs",
+                                 interval="[0, inf)"),
     }
 
     def validate(self, cfg, info):
-        check_reading(self.adapter, self.rank, cfg, info)
-        if not self.lora_alpha >= 0:
-            raise UserError(f"pfedlora: --lora-alpha must be >= 0 (0: alpha = rank) (got {self.lora_alpha})")
-        if self.adapter_epochs < 0:
-            raise UserError(f"pfedlora: --adapter-epochs must be >= 0 (0: --local-epochs) (got {self.adapter_epochs})")
+        check_reading(self.adapter, self.rank, cfg, info)  # the options' ranges: their `interval`
 
     # ---- the adapter: built, read and written the same way on clients and server -----
     def build(self, model: nn.Module, cfg, info, seed_key) -> tuple[nn.Module, nn.Module | None]:
