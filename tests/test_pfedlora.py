@@ -176,8 +176,9 @@ def test_prediction_uses_the_clients_own_adapter(tiny_cfg, opts):
     ({"adapter": "fc3,nope"}, "layer 'nope'"),
     ({"adapter": "fc3", "rank": 11}, "--rank in [1, 10]"),
     ({"adapter": "conv1", "rank": 17}, "--rank in [1, 16]"),
-    ({"adapter": "auto", "rank": 0}, "--rank in [1, 16] for conv1"),
-    ({"adapter": "model", "rank": 0}, "--rank in [1, 2304]"),
+    ({"adapter": "auto", "rank": 17}, "--rank in [1, 16] for conv1"),
+    ({"adapter": "fc3", "rank": 0}, "--rank must be in [1, inf)"),  # the option's own interval, first
+    ({"adapter": "model", "rank": 5000}, "--rank in [1, 2304]"),
     ({"adapter": ","}, "no layer to adapt"),
 ])
 def test_bad_reading_or_rank_is_one_line_before_data(opts, needle):
