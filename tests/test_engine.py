@@ -135,3 +135,4 @@ def test_every_numeric_option_of_a_builtin_method_has_a_range():
                 assert o.interval is not None, f"{name} --{k} has no interval"
                 assert in_interval(o.default, o.interval), f"{name} --{k}: default outside {o.interval}"
     assert in_interval(1, "[1, inf)") and not in_interval(1, "(1, inf)") and not in_interval(1.0, "[0, 1)")
+    assert not in_interval("eight", "[1, inf)") and not in_interval(None, "[0, 1]")

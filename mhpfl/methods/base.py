@@ -61,7 +61,10 @@ def in_interval(value: Any, interval: str) -> bool:
     """Whether number `value` lies in `interval`, written "[lo, hi]" with ( or ) for an open end
     and inf for no bound (NaN lies in none)."""
     lo, hi = (float(t) for t in interval[1:-1].split(","))
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):  # e.g. a string from a suite file: not a number at all
+        return False
     return ((lo <= v if interval[0] == "[" else lo < v)
             and (v <= hi if interval[-1] == "]" else v < hi))
 

@@ -14,7 +14,8 @@ class -> Linear(d, d) -> ReLU -> Linear(d, d), d = 500. Each round:
     class, the distance to the nearest other class's average; classes without an average take the
     smallest such distance; margin = min(largest of these distances, tau);
   - S server epochs over the uploaded (prototype p, label y) pairs, shuffled (by the run's
-    seeded server stream for the round), in batches of the run's batch size, plain SGD at the run's lr, minimising
+    seeded server stream for the round), in batches of the run's batch size, plain SGD at the
+    run's lr, minimising
         CE(-(dist(p, G(c)) for c in classes) - margin * onehot(y), y)
     with dist the Euclidean distance: each prototype pulled to its class's global prototype and
     pushed at least `margin` further from the others (ACL);
