@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mhpfl.errors import UserError
 from mhpfl.methods.base import Method, Option
+from mhpfl.methods.prototypes import class_means
 from mhpfl.models import REP_DIM
 
 
@@ -84,11 +84,6 @@ class FedProto(Method):
                              choices=("training", "after")),
     }
 
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        if self.ld < 0:
-            raise UserError(f"fedproto: --ld must be >= 0 (got {self.ld})")
-
     # ---- client: keeps F_k and the global prototypes ------------------------------------
     def init_client(self, client):
         c, dev = client.num_classes, client.cfg.device
@@ -113,13 +108,13 @@ class FedProto(Method):
             return F.cross_entropy(logits, y) + self.ld * proto_loss(rep, y, protos, has)
 
         client.fit(model.parameters(), loss)
-        if self.proto_from == "after":
+        if self.proto_from == "after":  # (3)
             train = client.data.train
-            reps = client.infer(lambda x: model(x, return_rep=True)[1], train)
-            sums.index_add_(0, train.y, reps)
-            counts.index_add_(0, train.y, torch.ones_like(train.y, dtype=counts.dtype))
-        held = torch.nonzero(counts > 0).flatten()  # (3)
-        up = {"protos": (sums[held] / counts[held, None]).float(), "labels": held.to(torch.int64)}
+            means, held = class_means(client.infer(lambda x: model(x, return_rep=True)[1], train), train.y, c)
+        else:
+            held = torch.nonzero(counts > 0).flatten()
+            means, held = (sums[held] / counts[held, None]).float(), held.to(torch.int64)
+        up = {"protos": means, "labels": held}
         if self.weighting == "count":
             # samples per class of the local data (the training passes see each E times)
             n = torch.bincount(client.data.train.y, minlength=c)[held]

@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhpfl.errors import UserError
 from mhpfl.methods.base import Option
 from mhpfl.methods.fedproto import FedProto
-from mhpfl.methods.fedgh import class_means
+from mhpfl.methods.prototypes import class_means
 from mhpfl.methods.zoo import require_common_rep
 from mhpfl.seeding import seed_torch, torch_gen
 
@@ -94,11 +93,6 @@ class FedTGP(FedProto):
         "proto_classes": Option("all", "prototype head compares with all classes (HtFLlib) or the "
                                        "client's own", choices=("own", "all")),
     }
-
-    def __init__(self, **opts):
-        super().__init__(**opts)
-        if self.server_epochs < 0 or self.tau < 0:
-            raise UserError(f"fedtgp: --server-epochs and --tau must be >= 0 (got {self.server_epochs}, {self.tau})")
 
     def validate(self, cfg, info):
         require_common_rep(self.name, cfg, info)
