@@ -304,24 +304,50 @@ class Federation:
     def evaluate(self) -> list[dict[str, int]]:
         return [evaluate_client(self.method, c) for c in self.clients]
 
+    def exchange(self, downs: dict[int, Message], r: int, phase: str) -> dict[int, Message]:
+        """Each participant's update on its message, in this process."""
+        return {cid: client_step(self.method, self.clients[cid], r, phase, down) for cid, down in downs.items()}
+
     def play_round(self, r: int, rec: Recorder | None = None) -> list[int]:
-        """Round r: every phase's messages down, client updates, uploads up, aggregation.
-        Returns the participants."""
-        method, server = self.method, self.server
-        server.start_round(r)
-        cids = participants(self.cfg, r)
+        return play_round(self.method, self.server, r, self.exchange, [c.num_train for c in self.clients], rec)
+
+
+def play_round(method: Method, server: Server, r: int, exchange: Callable[[dict, int, str], dict],
+               num_train: Sequence[int], rec: Recorder | None = None) -> list[int]:
+    """Round r on any engine: for every phase, the server's message to each participant (wired),
+    `exchange(downs, r, phase)` -> each participant's upload (this process or Flower messages),
+    the bytes both ways, the server's aggregation. Returns the participants."""
+    server.start_round(r)
+    cids = participants(server.cfg, r)
+    if rec is not None:
+        rec.participate(cids)
+    for phase in method.phases:
+        downs = {cid: wire(method.server_message(server, cid, phase), method.name, "server") for cid in cids}
+        ups = exchange(downs, r, phase)
         if rec is not None:
-            rec.participate(cids)
-        for phase in method.phases:
-            uploads = []
             for cid in cids:
-                down = wire(method.server_message(server, cid, phase), method.name, "server")
-                up = client_step(method, self.clients[cid], r, phase, down)
-                if rec is not None:
-                    rec.traffic(message_bytes(down), message_bytes(up))
-                uploads.append(Upload(cid, self.clients[cid].num_train, up))
-            method.aggregate(server, uploads, phase)
-        return cids
+                rec.traffic(message_bytes(downs[cid]), message_bytes(ups[cid]))
+        method.aggregate(server, [Upload(cid, num_train[cid], ups[cid]) for cid in cids], phase)
+    return cids
+
+
+def drive(cfg: RunConfig, rec: Recorder, play: Callable[[int], Any], evaluate: Callable[[int], list],
+          flops: Callable[[], int], bar=None) -> None:
+    """Any engine's run: round 0's evaluation, then every round played, evaluated every
+    `eval_every` rounds and at the last, the progress bar updated."""
+    rec.record(0, evaluate(0), flops())
+    for r in range(1, cfg.rounds + 1):
+        play(r)
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            rec.record(r, evaluate(r), flops())
+        if bar is not None:
+            last = rec.rows[-1]
+            sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
+            bar.set_postfix_str(f"acc {last['mean_acc']:.2f}% (round {last['round']})  sent {_human(sent)}",
+                                refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
@@ -334,29 +360,18 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
     fed = Federation.build(cfg)
     rec = Recorder(cfg, fed.method, [c.arch for c in fed.clients], [c.num_train for c in fed.clients],
                    out, on_round)
-    rec.record(0, fed.evaluate(), fed.meter.total)
-    bar = _progress(cfg, progress)
-    for r in range(1, cfg.rounds + 1):
-        fed.play_round(r, rec)
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            rec.record(r, fed.evaluate(), fed.meter.total)
-        if bar is not None:
-            last = rec.rows[-1]
-            sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
-            bar.set_postfix_str(f"acc {last['mean_acc']:.2f}% (round {last['round']})  sent {_human(sent)}",
-                                refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    drive(cfg, rec, lambda r: fed.play_round(r, rec), lambda r: fed.evaluate(), lambda: fed.meter.total,
+          progress_bar(cfg, progress))
     return rec.summary(fed.meter.per_sample, public_size=fed.public_size)
 
 
-def _progress(cfg: RunConfig, enabled: bool):
+def progress_bar(cfg: RunConfig, enabled: bool, engine: str = ""):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.rounds, desc=f"{cfg.method} {cfg.dataset}", unit="round", leave=True)
+    desc = f"{cfg.method} {cfg.dataset}" + (f" ({engine})" if engine else "")
+    return tqdm(total=cfg.rounds, desc=desc, unit="round", leave=True)
 
 
 def _human(n: float) -> str:

@@ -38,11 +38,12 @@ from mhpfl.config import RunConfig  # noqa: E402
 from mhpfl.datasets import PartitionSpec, dataset_info, federate  # noqa: E402
 from mhpfl.engine.context import Client, Server  # noqa: E402
 from mhpfl.engine.meter import FlopMeter  # noqa: E402
-from mhpfl.engine.runner import Recorder, client_step, evaluate_client, participants, wire  # noqa: E402
+from mhpfl.engine.runner import (Recorder, client_step, drive, evaluate_client, play_round,  # noqa: E402
+                                 progress_bar)
 from mhpfl.errors import UserError  # noqa: E402
 from mhpfl.flower.records import (from_record, key_bytes, payload_bytes, restore_client,  # noqa: E402
                                   save_client, to_record)
-from mhpfl.messages import Upload, message_bytes  # noqa: E402
+from mhpfl.messages import message_bytes  # noqa: E402
 from mhpfl.methods import get_method  # noqa: E402
 from mhpfl.models import zoo_archs  # noqa: E402
 
@@ -181,8 +182,9 @@ class _Federation:
         self.per_sample.update({k: int(v) for k, v in reply.content["per_sample"].items()})
         return int(reply.content["metrics"]["cid"])
 
-    def phase(self, downs: dict[int, dict[str, torch.Tensor]], round_: int, phase: str,
-              rec: Recorder) -> list[Upload]:
+    def exchange(self, downs: dict[int, dict[str, torch.Tensor]], round_: int,
+                 phase: str) -> dict[int, dict[str, torch.Tensor]]:
+        """Each participant's update, as Flower messages to the SuperNodes that host them."""
         items = []
         for cid, down in downs.items():
             rd = to_record(down)
@@ -201,11 +203,7 @@ class _Federation:
             self.key_bytes["up"] += key_bytes(ru)
             self.flops += int(reply.content["metrics"]["train_flops"])
             ups[cid] = up
-        out = []
-        for cid, down in downs.items():  # in participant order, as the in-process engine
-            rec.traffic(message_bytes(down), message_bytes(ups[cid]))
-            out.append(Upload(cid, self.train[cid], ups[cid]))
-        return out
+        return ups
 
     def evaluate(self, round_: int) -> list[dict[str, int]]:
         replies = self._send([(self.node_of[c], "evaluate", RecordDict({"task": self._task(c, round_, "evaluate")}))
@@ -228,28 +226,10 @@ def serve(grid: Grid, cfg: RunConfig, out: str | Path | None = None, progress: b
     fed = _Federation(grid, cfg, wait_s)
     server = Server(cfg, dataset_info(cfg.dataset), fed.public_size)
     method.init_server(server)
-    rec = Recorder(cfg, method, [fed.archs[c] for c in range(cfg.clients)],
-                   [fed.train[c] for c in range(cfg.clients)], out, on_round)
-    rec.record(0, fed.evaluate(0), fed.flops)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.rounds, desc=f"{cfg.method} {cfg.dataset} (flower)", unit="round")
-    for r in range(1, cfg.rounds + 1):
-        server.start_round(r)
-        cids = participants(cfg, r)
-        rec.participate(cids)
-        for phase in method.phases:
-            downs = {cid: wire(method.server_message(server, cid, phase), method.name, "server") for cid in cids}
-            method.aggregate(server, fed.phase(downs, r, phase, rec), phase)
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            rec.record(r, fed.evaluate(r), fed.flops)
-        if bar is not None:
-            bar.set_postfix_str(f"acc {rec.rows[-1]['mean_acc']:.2f}% (round {rec.rows[-1]['round']})", refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    train = [fed.train[c] for c in range(cfg.clients)]
+    rec = Recorder(cfg, method, [fed.archs[c] for c in range(cfg.clients)], train, out, on_round)
+    drive(cfg, rec, lambda r: play_round(method, server, r, fed.exchange, train, rec), fed.evaluate,
+          lambda: fed.flops, progress_bar(cfg, progress, "flower"))
     return rec.summary(fed.per_sample, public_size=fed.public_size, engine="flower",
                        engine_version=flwr.__version__,
                        flower={"array_record_count_bytes_up": fed.count_bytes["up"],
