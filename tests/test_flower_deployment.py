@@ -112,3 +112,22 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path, data_root, capsys):
     for k in ("selected_mean_acc", "best_mean_acc", "final_mean_acc", "final_weighted_acc",
               "per_client_final_acc", "per_client_selected_acc", "selected_round"):
         assert deployed[k] == ref[k], (k, deployed[k], ref[k])
+
+
+def test_a_superlink_that_is_not_running_is_one_message(tmp_path, capsys):
+    """`flwr run` against an address where no SuperLink listens: Flower's own one-message error,
+    no traceback, nothing written (the results folder is not created)."""
+    out = tmp_path / "never"
+    assert main(["run", "pfedlora", "--engine", "flower", "--flower-app", str(tmp_path / "app"),
+                 "--out", str(out), "--clients", "5", "--rounds", "1"]) == 0
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "dead"\n\n[superlink.dead]\n'
+                                      f'address = "127.0.0.1:{_free_port()}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    done = subprocess.run([str(BIN / "flwr"), "run", str(tmp_path / "app"), "dead"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    assert "SuperLink is unavailable" in " ".join(said.split()), said
+    assert "Traceback" not in said and "warnings" not in said  # the app's pyproject is complete
+    assert not out.exists()

@@ -106,6 +106,7 @@ build-backend = "hatchling.build"
 name = "{name}"
 version = "1.0.0"
 description = "mhpfl-bench: {method} as a Flower federation"
+license = "MIT"
 dependencies = []  # mhpfl-bench[flower] must be installed where the SuperLink and SuperNodes run
 
 [tool.hatch.build.targets.wheel]
