@@ -2,11 +2,11 @@
 
 One client's SGD step (batch 64: forward, cross-entropy, backward, SGD with momentum and weight
 decay) and one evaluation forward pass (batch 256, inference mode) of a zoo model, eager and
-compiled (inductor, its on-disk caches disabled: a cold compile), interleaved in one run, median of 5 x 10 calls. Reported: the compile time
-of each (first call), and eager time / compiled time (> 1: compiled is faster). A run compiles
-every architecture it uses, once per batch shape (a client's last, smaller batch is another),
-so compiling pays only where (saved time per call) x (calls in a run) exceeds those compiles
-(docs/performance.md).
+compiled (inductor, its on-disk caches disabled: a cold compile), interleaved in one run, median
+of 5 x 10 calls. Reported: the compile time of each (first call), and eager time / compiled time
+(> 1: compiled is faster). A run compiles every architecture it uses, once per batch shape (a
+client's last, smaller batch is another), so compiling pays only where (saved time per call) x
+(calls in a run) exceeds those compiles (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def compare(arch: str) -> dict[str, float]:
 
     inductor.force_disable_caches = True  # a cold compile, as a user's first run pays it
     torch._dynamo.reset()
+
     def make():
         torch.manual_seed(0)
         m = build_model(arch, (1, 28, 28), 10)

@@ -114,7 +114,7 @@ def test_superlink_two_supernodes_and_flwr_run(tmp_path, data_root, capsys):
         assert deployed[k] == ref[k], (k, deployed[k], ref[k])
 
 
-def test_a_superlink_that_is_not_running_is_one_message(tmp_path, capsys):
+def test_a_superlink_that_is_not_running_is_one_message(tmp_path):
     """`flwr run` against an address where no SuperLink listens: Flower's own one-message error,
     no traceback, nothing written (the results folder is not created)."""
     out = tmp_path / "never"
