@@ -30,7 +30,7 @@ bench-smoke: install
 	$(BIN)/mhpfl run pfedlora --dataset fmnist --clients 10 --rounds 5 --train-fraction 0.1 --out runs/smoke/pfedlora
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
-# The quick suite (CPU; 144 runs, about 4 hours on 2 cores with --jobs 2) and its report into results/quick/. Finished runs
+# The quick suite (CPU; 144 runs, about 4.3 hours on 2 cores with --jobs 2) and its report into results/quick/. Finished runs
 # are cached there: rerunning trains nothing. BENCH_ARGS e.g. "--jobs 2" or "--force".
 BENCH_ARGS ?=
 bench: install

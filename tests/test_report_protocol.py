@@ -60,3 +60,12 @@ def test_unconverged_cells_are_marked():
     md, _, _ = accuracy_tables(results(converged=False))
     assert "| FD | 81.00 ± 2.65‡ |" in squash(md.split("\n## ")[0])
     assert "‡: at least one seed did not converge" in md
+
+
+def test_every_method_in_the_curve_plots_has_its_own_line_look():
+    """tab10 has ten colours; the quick suite has eleven methods (FedAvg shared Standalone's blue)."""
+    from mhpfl.benchmark.report import _plt, line_looks
+
+    methods = [f"m{i}" for i in range(25)]
+    looks = [(tuple(c), style) for c, style in line_looks(_plt(), methods).values()]
+    assert len(set(looks)) == len(methods)

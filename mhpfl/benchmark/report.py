@@ -556,12 +556,19 @@ def _grid(plt, n: int):
     return fig, list(axes.flat[:n])
 
 
+def line_looks(plt: Any, methods: list[str]) -> dict[str, tuple[Any, str]]:
+    """Each method's (colour, line style) in the curve plots, distinct for up to 30 methods:
+    tab10's ten colours, then again dashed, then dotted."""
+    return {m: (plt.get_cmap("tab10")(i % 10), ("-", "--", ":")[i // 10 % 3]) for i, m in enumerate(methods)}
+
+
 def plots(res: Results, out: Path) -> list[str]:
     plt = _plt()
     written: list[str] = []
     sets = settings_with_data(res)
     methods = methods_order(res)
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    look = line_looks(plt, methods)
+    colors = {m: c for m, (c, _) in look.items()}
     runs = main_runs(res)
     for stem, xcol, xlabel, logx in (("accuracy_vs_round", "round", "round", False),
                                      ("accuracy_vs_bytes", "cum_bytes", "cumulative bytes (up + down, all clients)", True),
@@ -580,7 +587,7 @@ def plots(res: Results, out: Path) -> list[str]:
                         silent.append(disp(m))
                         continue
                 (line,) = ax.plot(c[xcol], c["mean_acc"], marker="." if len(c) < 30 else None,
-                                  color=colors[m], label=disp(m))
+                                  color=colors[m], linestyle=look[m][1], label=disp(m))
                 handles.setdefault(disp(m), line)
             if logx:
                 ax.set_xscale("log")
