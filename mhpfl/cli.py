@@ -71,6 +71,10 @@ def _run_parser(method_cls=None) -> argparse.ArgumentParser:
         p.add_argument(flag, dest=field, type=typ, default=None, help=help_ + default)
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off training augmentation (on by default for CIFAR)")
+    p.add_argument("--batch-clients", dest="batch_clients", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the participants that share an architecture and a loss as one batched (vmapped) "
+                        "computation; same results up to float rounding (default: off; measured slower on CPU, "
+                        "see docs/performance.md)")
     p.add_argument("--no-download", dest="download", action="store_false", default=None,
                    help="never download datasets; fail if they are absent")
     p.add_argument("--out", default=None, help="output directory (default runs/METHOD-DATASET-N{N}-seed{S}-HASH, "
@@ -127,7 +131,7 @@ def _same_run(summary: dict, cfg, key: str) -> tuple[bool, str]:
     hp = get_method(cfg.method)(**cfg.method_options).hp
     a, b = _flat_settings(old), _flat_settings({**cfg.to_dict(), "method_options": hp})
     diff = [f"{k} {a.get(k)} -> {b.get(k)}" for k in dict.fromkeys([*a, *b])
-            if k not in ("--data-root", "--download", "--device") and a.get(k) != b.get(k)]
+            if k not in ("--data-root", "--download", "--device", "--batch-clients") and a.get(k) != b.get(k)]
     if summary["method"] != cfg.method:
         diff.insert(0, f"method {summary['method']} -> {cfg.method}")
     return False, ", ".join(diff) or "method or code version"
@@ -140,7 +144,7 @@ def cmd_run(argv: list[str]) -> int:
     meta = _method_meta(first[0]) if first else None
     args = _run_parser(meta).parse_args(argv)
     fields = {f: getattr(args, f) for _, f, _, _ in RUN_FLAGS if getattr(args, f) is not None}
-    for f in ("augment", "download"):
+    for f in ("augment", "download", "batch_clients"):
         if getattr(args, f) is not None:
             fields[f] = getattr(args, f)
     opts = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}

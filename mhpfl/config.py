@@ -35,6 +35,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; fp32 weights and optimizer)
+    batch_clients: bool = False  # train clients of one architecture as one vmapped computation
     eval_every: int = 1
     data_root: str | None = None
     download: bool = True

@@ -19,6 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "exceeds the cores); 1 on a machine shared with other work")
     p.add_argument("--data-root", default=None, help="dataset directory (default $MHPFL_DATA or ~/.cache/mhpfl)")
     p.add_argument("--no-download", action="store_true", help="never download datasets")
+    p.add_argument("--batch-clients", action=argparse.BooleanOptionalAction, default=None,
+                   help="every run trains clients that share an architecture and a loss as one batched "
+                        "computation (same results up to float rounding; default: the suite's, off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -31,6 +34,8 @@ def _overrides(args) -> dict[str, Any]:
         o["data_root"] = root
     if args.no_download:
         o["download"] = False
+    if args.batch_clients is not None:
+        o["batch_clients"] = args.batch_clients
     return o
 
 

@@ -256,9 +256,10 @@ def setting_label(cfg: RunConfig) -> str:
 
 # ---- run keys ---------------------------------------------------------------------------------
 # Fields that cannot change a run's results: where the data lives, whether it may be downloaded,
-# and the device (CPU and GPU runs of one configuration are the same experiment; they differ only
-# by floating-point rounding — use another --out to keep both).
-KEY_EXCLUDED = ("data_root", "download", "device")
+# the device and whether clients train batched (CPU and GPU runs, batched or not, of one
+# configuration are the same experiment; they differ only by floating-point rounding — use
+# another --out to keep both).
+KEY_EXCLUDED = ("data_root", "download", "device", "batch_clients")
 
 
 def run_key(cfg: RunConfig) -> str:

@@ -4,14 +4,15 @@ The training helper `Client.fit` is the one training loop of the suite: it build
 optimizer (SGD with the run's lr, momentum and weight decay), freezes everything on the client
 that is not being trained, clips gradients, stops on a non-finite loss (checked once per epoch:
 no host sync per step), autocasts to the run's --precision and charges every step's FLOPs
-(forward and the backward autograd really runs) to the meter. Evaluation goes through
+(forward and the backward autograd really runs) to the meter. Its steps are `FitRun`'s, which
+the batched engine (--batch-clients) drives for many clients at once. Evaluation goes through
 `Client.accuracy` (inference mode, INFER_BATCH, one sync). Methods describe *what* to train and
 *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class Client:
         self.state: dict[str, Any] = {}  # what the method keeps on this client between rounds
         self.modules: list[nn.Module] = []
         self.gen = torch_gen(cfg.seed, "client", cid, "init")
+        self.batcher: Any = None  # set by the engine while it trains clients together
         self.model = self.new_model(arch)
 
     # ---- models ------------------------------------------------------------------------
@@ -72,55 +74,20 @@ class Client:
         self.round = round_
         self.gen = torch_gen(self.cfg.seed, "client", self.cid, round_, phase)
 
-    @contextmanager
-    def _only_trainable(self, params: list[nn.Parameter]):
-        ids = {id(p) for p in params}
-        every = [p for m in self.modules for p in m.parameters()] + params
-        saved = [(p, p.requires_grad) for p in every]
-        for p in every:
-            p.requires_grad_(id(p) in ids)
-        try:
-            yield
-        finally:
-            for p, rg in saved:
-                p.requires_grad_(rg)
-
     def fit(self, params: Iterable[nn.Parameter], loss_fn: LossFn, *, epochs: int | None = None,
             data: Split | None = None, batch_size: int | None = None, lr: float | None = None) -> float:
         """Train exactly `params` (everything else on the client is frozen) for `epochs` passes
         over `data` (default: the client's training set), minimising loss_fn(x, y) with SGD.
-        Returns the mean batch loss."""
-        params = list(dict.fromkeys(params))
-        untracked = [p for p in params if id(p) not in self.meter.tracked_params]
-        if untracked:
-            raise RuntimeError(f"{self.method_name} trains parameters of a module it did not "
-                               "register with client.track(); its FLOPs would go uncounted")
-        cfg = self.cfg
-        data = self.data.train if data is None else data
-        epochs = cfg.local_epochs if epochs is None else epochs
-        opt = SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                  weight_decay=cfg.weight_decay)
-        for m in self.modules:
-            m.train()
-        losses: list[torch.Tensor] = []
-        # FLOPs: one step per (loss, trainable parameters, batch shape) is measured as autograd runs it
-        key = (getattr(loss_fn, "__code__", type(loss_fn)), tuple((id(p), p.shape) for p in params))
-        with self._only_trainable(params):
-            for _ in range(epochs):
-                epoch: list[torch.Tensor] = []
-                for x, y in data.batches(batch_size or cfg.batch_size, self.gen):
-                    with self.meter.step((*key, tuple(x.shape))):
-                        with self.autocast():
-                            loss = loss_fn(x, y)
-                        epoch.append(loss.detach().float())
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                self._check_finite(epoch)
-                losses += epoch
-        return float(torch.stack(losses).double().mean()) if losses else 0.0
+        Returns the mean batch loss. Under --batch-clients the engine may run this fit's steps
+        together with other clients' (engine/batching.py): the same steps, the same result."""
+        run = FitRun(self, params, loss_fn, epochs=epochs, data=data, batch_size=batch_size, lr=lr)
+        if self.batcher is not None:
+            return self.batcher.park(run)
+        with run.trainable():
+            for x, y in run.batches():
+                run.backward(x, y)
+                run.update()
+        return run.mean_loss()
 
     def _check_finite(self, losses: list[torch.Tensor]) -> None:
         """Stop on a non-finite loss. Checked once per epoch (one device sync, not one per step:
@@ -164,6 +131,88 @@ class Client:
         of INFER_BATCH in order, the count kept on the device (one sync at the end)."""
         with self.evaluating():
             return int(sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False)))
+
+
+class FitRun:
+    """One `Client.fit` call as a sequence of SGD steps: the optimizer (SGD with the run's lr,
+    momentum and weight decay), the client's data order, the non-finite check once per epoch,
+    the FLOP charge of every step, per-client gradient clipping. `Client.fit` drives it one
+    step at a time; the batched engine drives many clients' runs in lockstep and computes
+    their gradients as one computation (`set_grads`), everything else unchanged."""
+
+    def __init__(self, client: Client, params: Iterable[nn.Parameter], loss_fn: LossFn, *,
+                 epochs: int | None, data: Split | None, batch_size: int | None, lr: float | None):
+        self.client, self.loss_fn = client, loss_fn
+        self.params = list(dict.fromkeys(params))
+        if any(id(p) not in client.meter.tracked_params for p in self.params):
+            raise RuntimeError(f"{client.method_name} trains parameters of a module it did not "
+                               "register with client.track(); its FLOPs would go uncounted")
+        cfg = client.cfg
+        self.data = client.data.train if data is None else data
+        self.epochs = cfg.local_epochs if epochs is None else epochs
+        self.batch_size = batch_size or cfg.batch_size
+        self.lr = cfg.lr if lr is None else lr
+        self.opt = SGD(self.params, lr=self.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.losses: list[torch.Tensor] = []
+        self.epoch: list[torch.Tensor] = []
+        self.error: BaseException | None = None  # set by the batched engine for `park` to raise
+        # FLOPs: one step per (loss, trainable parameters, batch shape) is measured as autograd runs it
+        self.key = (getattr(loss_fn, "__code__", type(loss_fn)), tuple((id(p), p.shape) for p in self.params))
+
+    @contextmanager
+    def trainable(self):
+        """Every module of the client in training mode, only `params` requiring gradients."""
+        for m in self.client.modules:
+            m.train()
+        ids = {id(p) for p in self.params}
+        every = [p for m in self.client.modules for p in m.parameters()] + self.params
+        saved = [(p, p.requires_grad) for p in every]
+        for p in every:
+            p.requires_grad_(id(p) in ids)
+        try:
+            yield
+        finally:
+            for p, rg in saved:
+                p.requires_grad_(rg)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The run's batches, epoch after epoch, in the client's order; the losses of an epoch
+        are checked when it ends (raises NonFiniteLoss)."""
+        for _ in range(self.epochs):
+            for x, y in self.data.batches(self.batch_size, self.client.gen):
+                yield x, y
+            self.client._check_finite(self.epoch)
+            self.losses += self.epoch
+            self.epoch = []
+
+    def step_key(self, x: torch.Tensor) -> tuple:
+        return (*self.key, tuple(x.shape))
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """This client's forward and backward pass on one batch, metered."""
+        with self.client.meter.step(self.step_key(x)):
+            with self.client.autocast():
+                loss = self.loss_fn(x, y)
+            self.epoch.append(loss.detach().float())
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+
+    def set_grads(self, x: torch.Tensor, loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
+        """The batched engine's replacement for `backward`: this client's loss and gradients,
+        computed together with other clients'; charged the FLOPs its own step measured."""
+        self.client.meter.charge(self.step_key(x))
+        self.epoch.append(loss.detach().float())
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    def update(self) -> None:
+        """Clip this client's gradients (its own norm) and take its optimizer's step."""
+        if self.client.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.client.cfg.grad_clip)
+        self.opt.step()
+
+    def mean_loss(self) -> float:
+        return float(torch.stack(self.losses).double().mean()) if self.losses else 0.0
 
 
 class Server:

@@ -88,6 +88,15 @@ class FlopMeter:
             self.counting = prev
 
     @contextmanager
+    def quiet(self):
+        """No inference charges inside (the batched engine's passes are charged per client)."""
+        prev, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = prev
+
+    @contextmanager
     def step(self, key: tuple):
         """Charge one training step (the forward and backward passes run inside the block): the
         first step of a key is measured with FlopCounterMode, later ones reuse the count."""
@@ -104,3 +113,11 @@ class FlopMeter:
             self.total += self.step_flops[key]
         finally:
             self.counting = prev
+
+    def measured(self, key: tuple) -> bool:
+        return key in self.step_flops
+
+    def charge(self, key: tuple) -> None:
+        """Charge one training step of an already measured key whose passes ran elsewhere (the
+        batched engine computes many clients' steps at once: each is charged its own count)."""
+        self.total += self.step_flops[key]

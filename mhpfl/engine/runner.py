@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,6 +34,7 @@ import torch
 
 from mhpfl.config import RunConfig, library_versions
 from mhpfl.datasets import PartitionSpec, federate
+from mhpfl.engine.batching import Batcher
 from mhpfl.engine.context import Client, Server
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import UserError
@@ -284,6 +286,7 @@ class Federation:
     server: Server
     meter: FlopMeter
     public_size: int
+    batcher: Batcher | None = None
 
     @classmethod
     def build(cls, cfg: RunConfig) -> "Federation":
@@ -299,14 +302,19 @@ class Federation:
                    for i, arch in enumerate(zoo_archs(cfg.zoo, cfg.clients))]
         server = Server(cfg, data.info, len(data.public))
         method.init_server(server)
-        return cls(cfg, method, clients, server, meter, len(data.public))
+        return cls(cfg, method, clients, server, meter, len(data.public), Batcher() if cfg.batch_clients else None)
 
     def evaluate(self) -> list[dict[str, int]]:
         return [evaluate_client(self.method, c) for c in self.clients]
 
     def exchange(self, downs: dict[int, Message], r: int, phase: str) -> dict[int, Message]:
-        """Each participant's update on its message, in this process."""
-        return {cid: client_step(self.method, self.clients[cid], r, phase, down) for cid, down in downs.items()}
+        """Each participant's update on its message, in this process; with --batch-clients their
+        `client.fit` calls train together where they can (engine/batching.py)."""
+        updates = {cid: partial(client_step, self.method, self.clients[cid], r, phase, down)
+                   for cid, down in downs.items()}
+        if self.batcher is None or len(updates) < 2:
+            return {cid: update() for cid, update in updates.items()}
+        return self.batcher.run(updates, {cid: self.clients[cid] for cid in updates})
 
     def play_round(self, r: int, rec: Recorder | None = None) -> list[int]:
         return play_round(self.method, self.server, r, self.exchange, [c.num_train for c in self.clients], rec)

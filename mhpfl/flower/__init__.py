@@ -38,6 +38,12 @@ def run_flower(cfg: RunConfig, out: str | Path | None = None, progress: bool = T
     return simulate([cfg], [out], progress, on_round, cpus=cpus, client_cpus=client_cpus)[0]
 
 
+def _no_batching(cfg: RunConfig) -> None:
+    if cfg.batch_clients:
+        raise UserError("--batch-clients batches clients inside one process (the in-process engine); a "
+                        "Flower federation runs each client in its own ClientApp: leave it out with --engine flower")
+
+
 def simulate(cfgs: list[RunConfig], outs: list[str | Path | None], progress: bool = True,
              on_round: Callable[[dict], None] | None = None, *, cpus: int | None = None,
              client_cpus: float = 1.0) -> list[dict[str, Any]]:
@@ -48,6 +54,7 @@ def simulate(cfgs: list[RunConfig], outs: list[str | Path | None], progress: boo
     _import_flwr()
     for cfg, out in zip(cfgs, outs, strict=True):
         cfg.validate()
+        _no_batching(cfg)
         if cfg.device != cfgs[0].device:
             raise UserError("runs simulated together must share one --device")
         if out is not None:
@@ -130,6 +137,7 @@ def write_app(cfg: RunConfig, app_dir: str | Path, out: str | Path) -> Path:
     """Write a Flower App (pyproject.toml) that runs `cfg` on SuperNodes; the ServerApp writes
     summary.json and rounds.csv into `out` (an absolute path on the SuperLink's machine)."""
     cfg.validate()
+    _no_batching(cfg)
     app = Path(app_dir)
     try:
         app.mkdir(parents=True, exist_ok=True)
