@@ -4,6 +4,7 @@ round (and equal to the ArrayRecords' payload), accuracy per round exactly equal
 single-threaded), same summary/rounds schema plus the engine's name and version."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -44,13 +45,16 @@ def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root)
     assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
     methods = sorted(BUILTIN)
     cfgs = [small(m, data_root) for m in methods]
+    # partial participation, evaluated every round: both engines reuse unchanged clients' evaluations
+    methods.append("standalone-partial")
+    cfgs.append(small("standalone", data_root, frac=0.4, eval_every=1))
     flower = simulate(cfgs, [tmp_path / "flower" / m for m in methods], progress=False, cpus=2)
     for m, cfg, fl in zip(methods, cfgs, flower):
-        ref = run(small(m, data_root), out=tmp_path / "inprocess" / m, progress=False)
+        ref = run(dataclasses.replace(cfg), out=tmp_path / "inprocess" / m, progress=False)
         rows_in = pd.read_csv(tmp_path / "inprocess" / m / "rounds.csv")
         rows_fl = pd.read_csv(tmp_path / "flower" / m / "rounds.csv")
         assert list(rows_in.columns) == list(rows_fl.columns), m  # same schema
-        assert rows_fl["round"].tolist() == [0, 3]
+        assert rows_fl["round"].tolist() == list(range(0, 4, cfg.eval_every))
         # bytes identical (every message's, asserted as it is sent; here per evaluated row), FLOPs too
         for col in ("bytes_up", "bytes_down", "train_flops"):
             assert rows_fl[col].tolist() == rows_in[col].tolist(), (m, col)

@@ -189,3 +189,29 @@ def test_inference_is_charged_one_forward_pass():
     assert c.meter.total == 12 * c.meter.per_sample["cnn2"]
     meter = FlopMeter()
     assert meter.total == 0 and not math.isnan(meter.total)
+
+
+@needs_fmnist
+def test_an_unchanged_client_is_not_evaluated_again_and_the_numbers_are_exact(tiny_cfg, one_thread, monkeypatch):
+    """With partial participation only the clients that took part since the last evaluation are
+    evaluated again; every client's reused evaluation equals a fresh one, round by round."""
+    from mhpfl.engine import runner
+
+    calls: list[int] = []
+    real = runner.evaluate_client
+    monkeypatch.setattr(runner, "evaluate_client", lambda m, c: calls.append(c.cid) or real(m, c))
+    cfg = tiny_cfg("fedproto", clients=10, frac=0.2, rounds=5)
+    results = {}
+    for reuse in (True, False):
+        fed = Federation.build(cfg)
+        fed.reuse_evals = reuse
+        calls.clear()
+        evals = [fed.evaluate()]
+        assert sorted(calls) == list(range(10))
+        for r in range(1, 6):
+            n = len(calls)
+            cids = fed.play_round(r)
+            evals.append(fed.evaluate())
+            assert sorted(calls[n:]) == (sorted(cids) if reuse else list(range(10)))
+        results[reuse] = evals
+    assert results[True] == results[False]

@@ -149,6 +149,8 @@ class _Federation:
         self.flops = 0
         self.count_bytes = {"up": 0, "down": 0}
         self.key_bytes = {"up": 0, "down": 0}
+        self.evals: dict[int, dict[str, int]] = {}  # each client's latest evaluation
+        self.changed: set[int] = set()  # clients sent a train message since their latest evaluation
 
     def _nodes(self, wait_s: float) -> list[int]:
         t0 = time.monotonic()
@@ -186,6 +188,7 @@ class _Federation:
                  phase: str) -> dict[int, dict[str, torch.Tensor]]:
         """Each participant's update, as Flower messages to the SuperNodes that host them."""
         items = []
+        self.changed.update(downs)
         for cid, down in downs.items():
             rd = to_record(down)
             assert payload_bytes(rd) == message_bytes(down)
@@ -206,13 +209,16 @@ class _Federation:
         return ups
 
     def evaluate(self, round_: int) -> list[dict[str, int]]:
+        """Every client's evaluation; as in the in-process engine, a client not sent a train
+        message since its last evaluation is unchanged, and that evaluation is reused."""
+        todo = [c for c in range(self.cfg.clients) if c in self.changed or c not in self.evals]
         replies = self._send([(self.node_of[c], "evaluate", RecordDict({"task": self._task(c, round_, "evaluate")}))
-                              for c in range(self.cfg.clients)])
-        evals: dict[int, dict[str, int]] = {}
+                              for c in todo]) if todo else []
         for r in replies:
             cid = self._absorb(r)
-            evals[cid] = {k: int(v) for k, v in r.content["metrics"].items() if k != "cid"}
-        return [evals[c] for c in range(self.cfg.clients)]
+            self.evals[cid] = {k: int(v) for k, v in r.content["metrics"].items() if k != "cid"}
+        self.changed.clear()
+        return [self.evals[c] for c in range(self.cfg.clients)]
 
 
 def serve(grid: Grid, cfg: RunConfig, out: str | Path | None = None, progress: bool = False,
