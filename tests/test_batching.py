@@ -122,6 +122,41 @@ def test_a_failing_client_update_is_raised_and_no_thread_is_left():
                          {i: c for i, c in clients.items() if i != 1}) == {0: 0, 2: 2}
 
 
+def _clients_with_an_extra_module():
+    from torch import nn
+
+    clients = {i: synthetic_client("standalone", cid=i, arch="cnn5", n=16) for i in range(2)}
+    for c in clients.values():
+        c.cfg = clients[0].cfg
+        torch.manual_seed(c.cid)
+        c.state["extra"] = c.track(nn.Linear(3, 3), in_shape=(3,))
+    return clients
+
+
+def test_a_parameter_the_loss_does_not_reach_is_left_alone_as_one_at_a_time():
+    """A trainable parameter the loss never uses gets no gradient alone (the optimizer skips it:
+    no momentum, no weight decay); batched, vmapped grad would give zeros, and weight decay
+    would move it. The engine keeps autograd's None."""
+    def update(c):
+        def go():
+            params = [*c.model.parameters(), *c.state["extra"].parameters()]
+            return c.fit(params, lambda x, y: F.cross_entropy(c.model(x), y), epochs=3, batch_size=8)
+        return go
+
+    alone, together = _clients_with_an_extra_module(), _clients_with_an_extra_module()
+    before = {i: [p.detach().clone() for p in c.state["extra"].parameters()] for i, c in alone.items()}
+    for c in alone.values():
+        update(c)()
+    batcher = Batcher()
+    batcher.run({i: update(c) for i, c in together.items()}, together)
+    assert batcher.batched_steps > 0
+    for i in alone:
+        for clients in (alone, together):
+            assert all(torch.equal(a, b) for a, b in zip(clients[i].state["extra"].parameters(), before[i]))
+        assert_same([torch.cat([p.detach().flatten() for p in alone[i].model.parameters()])],
+                    [torch.cat([p.detach().flatten() for p in together[i].model.parameters()])], 1e-5)
+
+
 def test_what_a_loss_closes_over_decides_whether_fits_batch():
     """Fits batch when their losses differ only by the client's own modules, model and tensors;
     a loss reaching into client.state, or closing over a per-client Python object, runs alone."""

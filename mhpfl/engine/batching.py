@@ -81,6 +81,9 @@ class Batcher:
         self._cancelled = False
         self.unbatchable: set = set()  # group keys whose loss vmap rejected: one at a time from now
         self.batched_steps = 0  # steps computed together (for tests and benchmarks)
+        # step key -> which trainable parameters autograd left without a gradient (None: the
+        # optimizer skips them) in the key's first step, run alone; vmapped grad gives zeros there
+        self.no_grad: dict[tuple, tuple[bool, ...]] = {}
 
     def run(self, updates: Mapping[int, Callable[[], Any]], clients: Mapping[int, Client]) -> dict[int, Any]:
         """Each participant's update (`updates[cid]()`), their fits batched; the results by cid.
@@ -161,8 +164,8 @@ class Batcher:
                         continue
                     shapes.setdefault((x.shape, x.dtype, y.shape, y.dtype), []).append((r, x, y))
                 for batch in shapes.values():
-                    if not (together and key not in self.unbatchable and len(batch) > 1 and all(
-                            r.client.meter.measured(r.step_key(x)) for r, x, _ in batch)
+                    if not (together and key not in self.unbatchable and len(batch) > 1
+                            and all(r.step_key(x) in self.no_grad for r, x, _ in batch)
                             and self._step_together(key, together, batch)):
                         for r, x, y in batch:
                             try:
@@ -170,13 +173,15 @@ class Batcher:
                             except Exception as e:
                                 r.error = e
                                 del live[r]
+                                continue
+                            self.no_grad[r.step_key(x)] = tuple(p.grad is None for p in r.params)
                     for r, _, _ in batch:
                         if r.error is None:
                             r.update()
 
     def _step_together(self, key: Any, together: "_Together", batch: list) -> bool:
         try:
-            together.step(batch)
+            together.step(batch, self.no_grad)
         except Exception:  # e.g. vmap rejects the loss: this group trains one at a time from now
             self.unbatchable.add(key)
             return False
@@ -213,7 +218,7 @@ class _Together:
                       zip(self.fn.__code__.co_freevars, self.fn.__closure__ or ())]
         self.frozen: dict[tuple, dict[str, torch.Tensor]] = {}  # stacked once per set of members
 
-    def step(self, batch: list[tuple[FitRun, torch.Tensor, torch.Tensor]]) -> None:
+    def step(self, batch: list[tuple[FitRun, torch.Tensor, torch.Tensor]], no_grad: dict) -> None:
         runs = [r for r, _, _ in batch]
         ids = tuple(id(r) for r in runs)
         train = {str(i): torch.stack([self.params[id(r)][i].detach() for r in runs]) for i in self.train_idx}
@@ -234,7 +239,8 @@ class _Together:
             for cs, t in zip(cells, stacked):
                 cs[j].copy_(t)
         for i, (r, x_i, _) in enumerate(batch):
-            r.set_grads(x_i, losses[i], [grads[str(k)][i] for k in self.train_idx])
+            r.set_grads(x_i, losses[i], [None if none else grads[str(k)][i]
+                                         for k, none in zip(self.train_idx, no_grad[r.step_key(x_i)])])
 
     def _loss(self, train: dict, frozen: dict, tensors: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         values = {n: t for i, t in (*train.items(), *frozen.items()) for n in self.names[int(i)]}

@@ -197,9 +197,10 @@ class FitRun:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
 
-    def set_grads(self, x: torch.Tensor, loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> None:
-        """The batched engine's replacement for `backward`: this client's loss and gradients,
-        computed together with other clients'; charged the FLOPs its own step measured."""
+    def set_grads(self, x: torch.Tensor, loss: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> None:
+        """The batched engine's replacement for `backward`: this client's loss and gradients
+        (None where autograd gives none), computed together with other clients'; charged the
+        FLOPs its own step measured."""
         self.client.meter.charge(self.step_key(x))
         self.epoch.append(loss.detach().float())
         for p, g in zip(self.params, grads):

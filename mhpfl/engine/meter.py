@@ -80,28 +80,26 @@ class FlopMeter:
         return module
 
     @contextmanager
-    def count(self):
-        prev, self.counting = self.counting, True
+    def counting_inference(self, on: bool):
+        """Inference passes of tracked modules are charged inside (on) or not (off)."""
+        prev, self.counting = self.counting, on
         try:
             yield
         finally:
             self.counting = prev
 
-    @contextmanager
+    def count(self):
+        return self.counting_inference(True)
+
     def quiet(self):
         """No inference charges inside (the batched engine's passes are charged per client)."""
-        prev, self.counting = self.counting, False
-        try:
-            yield
-        finally:
-            self.counting = prev
+        return self.counting_inference(False)
 
     @contextmanager
     def step(self, key: tuple):
         """Charge one training step (the forward and backward passes run inside the block): the
         first step of a key is measured with FlopCounterMode, later ones reuse the count."""
-        prev, self.counting = self.counting, False  # the inference hooks stay silent in a step
-        try:
+        with self.quiet():  # the inference hooks stay silent in a step
             if key in self.step_flops:
                 yield
             else:
@@ -111,11 +109,6 @@ class FlopMeter:
                     yield
                 self.step_flops[key] = fc.get_total_flops() // 2
             self.total += self.step_flops[key]
-        finally:
-            self.counting = prev
-
-    def measured(self, key: tuple) -> bool:
-        return key in self.step_flops
 
     def charge(self, key: tuple) -> None:
         """Charge one training step of an already measured key whose passes ran elsewhere (the
