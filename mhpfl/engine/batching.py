@@ -221,10 +221,12 @@ class _Together:
     def step(self, batch: list[tuple[FitRun, torch.Tensor, torch.Tensor]], no_grad: dict) -> None:
         runs = [r for r, _, _ in batch]
         ids = tuple(id(r) for r in runs)
-        train = {str(i): torch.stack([self.params[id(r)][i].detach() for r in runs]) for i in self.train_idx}
+        def stacked(i: int) -> torch.Tensor:  # contiguous: stacked channels-last kernels run slower
+            return torch.stack([self.params[id(r)][i].detach() for r in runs]).contiguous()
+
+        train = {str(i): stacked(i) for i in self.train_idx}
         if ids not in self.frozen:
-            self.frozen[ids] = {str(i): torch.stack([self.params[id(r)][i].detach() for r in runs])
-                                for i in self.frozen_idx}
+            self.frozen[ids] = {str(i): stacked(i) for i in self.frozen_idx}
         cells = [[c.cell_contents for c in r.loss_fn.__closure__ or ()] for r in runs]
         tensors = {j: torch.stack([cs[j] for cs in cells]) for j, k in enumerate(self.kinds) if k[0] == "tensor"}
         for j in tensors:
