@@ -207,3 +207,16 @@ def test_batch_clients_with_a_flower_app_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="--batch-clients .* leave it out with --engine flower"):
         write_app(RunConfig(method="standalone", batch_clients=True, download=False), tmp_path / "app", tmp_path / "out")
+
+
+@needs_fmnist
+def test_the_summary_records_the_option_and_how_many_steps_ran_batched(tiny_cfg, one_thread):
+    from mhpfl.engine import run
+
+    kw = dict(zoo="homo", train_fraction=0.02, rounds=2)
+    batched = run(tiny_cfg("standalone", batch_clients=True, **kw), progress=False)
+    alone = run(tiny_cfg("standalone", **kw), progress=False)
+    assert batched["config"]["batch_clients"] is True and batched["batched_steps"] > 0
+    assert alone["config"]["batch_clients"] is False and "batched_steps" not in alone
+    assert abs(batched["selected_mean_acc"] - alone["selected_mean_acc"]) < 0.5
+    assert (batched["bytes_up"], batched["train_flops"]) == (alone["bytes_up"], alone["train_flops"])

@@ -80,7 +80,7 @@ class Batcher:
         self._back = threading.Semaphore(0)
         self._cancelled = False
         self.unbatchable: set = set()  # group keys whose loss vmap rejected: one at a time from now
-        self.batched_steps = 0  # steps computed together (for tests and benchmarks)
+        self.batched_steps = 0  # steps computed together (summary.json: batched_steps)
         # step key -> which trainable parameters autograd left without a gradient (None: the
         # optimizer skips them) in the key's first step, run alone; vmapped grad gives zeros there
         self.no_grad: dict[tuple, tuple[bool, ...]] = {}
@@ -149,7 +149,12 @@ class Batcher:
             for r in members:
                 stack.enter_context(r.trainable())
             live = {r: r.batches() for r in members}
-            together = _Together(members) if key is not None and len(members) > 1 else None
+            together = None
+            if key is not None and len(members) > 1 and key not in self.unbatchable:
+                try:
+                    together = _Together(members)
+                except Exception:  # a layout the batched step cannot map: one at a time
+                    self.unbatchable.add(key)
             while live:
                 shapes: dict[tuple, list[tuple[FitRun, torch.Tensor, torch.Tensor]]] = {}
                 for r, it in list(live.items()):
@@ -164,7 +169,7 @@ class Batcher:
                         continue
                     shapes.setdefault((x.shape, x.dtype, y.shape, y.dtype), []).append((r, x, y))
                 for batch in shapes.values():
-                    if not (together and key not in self.unbatchable and len(batch) > 1
+                    if not (together is not None and key not in self.unbatchable and len(batch) > 1
                             and all(r.step_key(x) in self.no_grad for r, x, _ in batch)
                             and self._step_together(key, together, batch)):
                         for r, x, y in batch:

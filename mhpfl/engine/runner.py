@@ -382,7 +382,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
                    out, on_round)
     drive(cfg, rec, lambda r: fed.play_round(r, rec), lambda r: fed.evaluate(), lambda: fed.meter.total,
           progress_bar(cfg, progress))
-    return rec.summary(fed.meter.per_sample, public_size=fed.public_size)
+    batched = {"batched_steps": fed.batcher.batched_steps} if fed.batcher is not None else {}
+    return rec.summary(fed.meter.per_sample, public_size=fed.public_size, **batched)
 
 
 def progress_bar(cfg: RunConfig, enabled: bool, engine: str = ""):
