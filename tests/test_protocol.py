@@ -204,7 +204,7 @@ def test_an_unchanged_client_is_not_evaluated_again_and_the_numbers_are_exact(ti
     results = {}
     for reuse in (True, False):
         fed = Federation.build(cfg)
-        fed.reuse_evals = reuse
+        fed.evals.reuse = reuse
         calls.clear()
         evals = [fed.evaluate()]
         assert sorted(calls) == list(range(10))

@@ -8,9 +8,10 @@ The evaluation protocol, i.e. what every accuracy figure means (tests/test_proto
 - At round 0 (before training), every --eval-every rounds and at the last round, EVERY client is
   evaluated on its validation split and on its test split (both partitioned with the client's
   class shares; a client that has not taken part in a round since its last evaluation is
-  unchanged, and every engine reuses that evaluation). A client that has not participated yet has not run the method's set-up (a real
-  federation's client starts when it is first contacted): it is evaluated with its untouched
-  model, and counted as never-participated.
+  unchanged, and every engine reuses that evaluation: `EvalCache`). A client that has not
+  participated yet has not run the method's set-up (a real federation's client starts when it
+  is first contacted): it is evaluated with its untouched model, and counted as
+  never-participated.
 - Per round: the unweighted mean over clients (the paper's), the sample-weighted accuracy
   sum(correct) / sum(n) over clients (HtFLlib's), min / max / std over clients, and the mean
   over the clients that have participated at least once.
@@ -123,6 +124,30 @@ def _weighted(evals: Sequence[Mapping[str, int]], head: str, split: str) -> floa
 
 
 # ---- bookkeeping shared by every engine -----------------------------------------------------------
+class EvalCache:
+    """Each client's latest evaluation. A client that has not taken part in a round since then
+    has the same model, state and data, so it is not evaluated again (exact; with partial
+    participation most clients are such, e.g. 90% at N100-C10). `reuse = False` evaluates all."""
+
+    def __init__(self, clients: int, reuse: bool = True):
+        self.clients, self.reuse = clients, reuse
+        self.evals: dict[int, dict[str, int]] = {}
+        self.changed: set[int] = set()  # clients updated since their latest evaluation
+
+    def updated(self, cids) -> None:
+        self.changed.update(cids)
+
+    def due(self) -> list[int]:
+        """The clients to evaluate now."""
+        return [c for c in range(self.clients) if not self.reuse or c in self.changed or c not in self.evals]
+
+    def collect(self, fresh: Mapping[int, dict[str, int]]) -> list[dict[str, int]]:
+        """Every client's evaluation, `fresh` ones (of the `due` clients) replacing the old."""
+        self.evals.update(fresh)
+        self.changed.clear()
+        return [self.evals[c] for c in range(self.clients)]
+
+
 class Recorder:
     """Turns what an engine measured (bytes sent, FLOPs run, participation, per-client
     evaluations) into rounds.csv (written atomically after every evaluation) and summary.json."""
@@ -288,9 +313,10 @@ class Federation:
     meter: FlopMeter
     public_size: int
     batcher: Batcher | None = None
-    reuse_evals: bool = True  # a client unchanged since its last evaluation is not evaluated again
-    evals: dict[int, dict[str, int]] = field(default_factory=dict)  # each client's latest evaluation
-    changed: set[int] = field(default_factory=set)  # clients updated since their latest evaluation
+    evals: EvalCache = field(init=False)
+
+    def __post_init__(self):
+        self.evals = EvalCache(len(self.clients))
 
     @classmethod
     def build(cls, cfg: RunConfig) -> "Federation":
@@ -309,21 +335,15 @@ class Federation:
         return cls(cfg, method, clients, server, meter, len(data.public), Batcher() if cfg.batch_clients else None)
 
     def evaluate(self) -> list[dict[str, int]]:
-        """Every client's evaluation. A client that has not taken part in a round since its
-        last evaluation has the same model, state and data, so its last evaluation is reused
-        (exact; with partial participation most clients are such, e.g. 90% at N100-C10)."""
-        for c in self.clients:
-            if not self.reuse_evals or c.cid in self.changed or c.cid not in self.evals:
-                self.evals[c.cid] = evaluate_client(self.method, c)
-        self.changed.clear()
-        return [self.evals[c.cid] for c in self.clients]
+        """Every client's evaluation (those unchanged since their last one: reused)."""
+        return self.evals.collect({c: evaluate_client(self.method, self.clients[c]) for c in self.evals.due()})
 
     def exchange(self, downs: dict[int, Message], r: int, phase: str) -> dict[int, Message]:
         """Each participant's update on its message, in this process; with --batch-clients their
         `client.fit` calls train together where they can (engine/batching.py)."""
         updates = {cid: partial(client_step, self.method, self.clients[cid], r, phase, down)
                    for cid, down in downs.items()}
-        self.changed.update(updates)
+        self.evals.updated(updates)
         if self.batcher is None or len(updates) < 2:
             return {cid: update() for cid, update in updates.items()}
         return self.batcher.run(updates, {cid: self.clients[cid] for cid in updates})

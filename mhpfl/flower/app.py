@@ -38,8 +38,8 @@ from mhpfl.config import RunConfig  # noqa: E402
 from mhpfl.datasets import PartitionSpec, dataset_info, federate  # noqa: E402
 from mhpfl.engine.context import Client, Server  # noqa: E402
 from mhpfl.engine.meter import FlopMeter  # noqa: E402
-from mhpfl.engine.runner import (Recorder, client_step, drive, evaluate_client, play_round,  # noqa: E402
-                                 progress_bar)
+from mhpfl.engine.runner import (EvalCache, Recorder, client_step, drive, evaluate_client,  # noqa: E402
+                                 play_round, progress_bar)
 from mhpfl.errors import UserError  # noqa: E402
 from mhpfl.flower.records import (from_record, key_bytes, payload_bytes, restore_client,  # noqa: E402
                                   save_client, to_record)
@@ -149,8 +149,7 @@ class _Federation:
         self.flops = 0
         self.count_bytes = {"up": 0, "down": 0}
         self.key_bytes = {"up": 0, "down": 0}
-        self.evals: dict[int, dict[str, int]] = {}  # each client's latest evaluation
-        self.changed: set[int] = set()  # clients sent a train message since their latest evaluation
+        self.evals = EvalCache(cfg.clients)
 
     def _nodes(self, wait_s: float) -> list[int]:
         t0 = time.monotonic()
@@ -188,7 +187,7 @@ class _Federation:
                  phase: str) -> dict[int, dict[str, torch.Tensor]]:
         """Each participant's update, as Flower messages to the SuperNodes that host them."""
         items = []
-        self.changed.update(downs)
+        self.evals.updated(downs)
         for cid, down in downs.items():
             rd = to_record(down)
             assert payload_bytes(rd) == message_bytes(down)
@@ -209,16 +208,15 @@ class _Federation:
         return ups
 
     def evaluate(self, round_: int) -> list[dict[str, int]]:
-        """Every client's evaluation; as in the in-process engine, a client not sent a train
-        message since its last evaluation is unchanged, and that evaluation is reused."""
-        todo = [c for c in range(self.cfg.clients) if c in self.changed or c not in self.evals]
+        """Every client's evaluation, as messages to the clients due (EvalCache: the others'
+        are reused, as in the in-process engine)."""
+        due = self.evals.due()
         replies = self._send([(self.node_of[c], "evaluate", RecordDict({"task": self._task(c, round_, "evaluate")}))
-                              for c in todo]) if todo else []
+                              for c in due]) if due else []
+        fresh = {}
         for r in replies:
-            cid = self._absorb(r)
-            self.evals[cid] = {k: int(v) for k, v in r.content["metrics"].items() if k != "cid"}
-        self.changed.clear()
-        return [self.evals[c] for c in range(self.cfg.clients)]
+            fresh[self._absorb(r)] = {k: int(v) for k, v in r.content["metrics"].items() if k != "cid"}
+        return self.evals.collect(fresh)
 
 
 def serve(grid: Grid, cfg: RunConfig, out: str | Path | None = None, progress: bool = False,
