@@ -9,11 +9,16 @@ so is FlopCounterMode's __torch_dispatch__, used by the FLOP meter) and every op
 That import costs 1-2 s on an idle core and 2-6 s on a loaded 2-core machine, more than the
 rest of a run's start-up. All three are skipped here while torch._dynamo is not loaded; the
 arithmetic is torch's own (tests/test_speed.py checks SGD bit for bit).
+torch.utils.flop_counter also imports triton when it is installed (CUDA builds), 0.2-0.3 s, only
+to recognise user-written triton kernels, which an eager run never has: `flop_counter()` loads
+it without triton.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from types import ModuleType
 
 import torch
 
@@ -39,17 +44,41 @@ def eager_optimizers() -> None:
     torch.compile the wrapper's only effect is that import; no-op once dynamo is loaded."""
     if "torch._dynamo" in sys.modules:
         return
-    from torch.utils import flop_counter
+    fc = flop_counter()
     from torch.utils._python_dispatch import TorchDispatchMode
 
     wrapped = [getattr(torch.optim.Optimizer, name, None) for name in
                ("add_param_group", "zero_grad", "state_dict", "load_state_dict", "_cuda_graph_capture_health_check")]
-    wrapped += [c.__dict__.get("__torch_dispatch__") for c in vars(flop_counter).values()
+    wrapped += [c.__dict__.get("__torch_dispatch__") for c in vars(fc).values()
                 if isinstance(c, type) and issubclass(c, TorchDispatchMode)]
     for fn in wrapped:
         inner = getattr(fn, "__wrapped__", None)
         if inner is not None and getattr(inner, "__dynamo_disable", None) is None:
             inner.__dynamo_disable = inner
+
+
+def flop_counter() -> ModuleType:
+    """torch.utils.flop_counter, imported (once) with `import triton` failing unless triton is
+    already loaded: the module then treats triton as absent, as it does on CPU builds (its
+    FlopCounterMode counts every aten op the same; only the registration of FLOP formulas for
+    triton kernels, which mhpfl never runs, is unavailable). Its "triton not found" warning is
+    not emitted."""
+    name = "torch.utils.flop_counter"
+    if name in sys.modules or "triton" in sys.modules:
+        import torch.utils.flop_counter as fc
+
+        return fc
+    log = logging.getLogger(name)
+    disabled = log.disabled
+    sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` raises ImportError
+    log.disabled = True
+    try:
+        import torch.utils.flop_counter as fc
+    finally:
+        log.disabled = disabled
+        if sys.modules.get("triton", 0) is None:
+            del sys.modules["triton"]
+    return fc
 
 
 class SGD(torch.optim.SGD):

@@ -121,9 +121,11 @@ def test_dataset_cache_is_bitwise_and_survives_corruption(tmp_path, monkeypatch)
 @needs_fmnist
 def test_runs_are_deterministic_without_importing_inductor(data_root):
     """Deterministic mode is on (warn-only, as before) but start-up no longer pays for
-    torch._inductor/_dynamo; two seeded runs in fresh processes give the same summary."""
+    torch._inductor/_dynamo, triton (torch.utils.flop_counter's optional import) or pandas; two
+    seeded runs in fresh processes give the same summary, with FLOPs counted; triton stays
+    importable for the rest of the process."""
     code = f"""
-import json, sys, torch
+import importlib.util, json, sys, torch
 from mhpfl.config import RunConfig
 from mhpfl.engine import run
 cfg = RunConfig(method="standalone", clients=5, rounds=1, train_fraction=0.05, batch_size=32,
@@ -131,6 +133,10 @@ cfg = RunConfig(method="standalone", clients=5, rounds=1, train_fraction=0.05, b
 s = run(cfg, progress=False)
 assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
 assert "torch._inductor" not in sys.modules and "torch._dynamo" not in sys.modules, "inductor imported"
+assert not [m for m in sys.modules if m.split(".")[0] in ("triton", "pandas")], "triton or pandas imported"
+assert "torch.utils.flop_counter" in sys.modules and s["train_flops"] > 0
+if importlib.util.find_spec("triton") is not None:
+    import triton.runtime.jit
 s.pop("wall_seconds")
 print(json.dumps(s, sort_keys=True))
 """
@@ -140,6 +146,7 @@ print(json.dumps(s, sort_keys=True))
     procs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(2)]
     assert procs[0].returncode == 0, procs[0].stderr[-2000:]
     assert procs[0].stdout == procs[1].stdout and "per_client_final_acc" in procs[0].stdout
+    assert "triton" not in procs[0].stderr
 
 
 def test_lean_sgd_is_torch_sgd_bit_for_bit():

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from mhpfl.lean import flop_counter
 from mhpfl.messages import message_bytes  # noqa: F401  (re-exported)
 
 
@@ -103,9 +104,7 @@ class FlopMeter:
             if key in self.step_flops:
                 yield
             else:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as fc:
+                with flop_counter().FlopCounterMode(display=False) as fc:
                     yield
                 self.step_flops[key] = fc.get_total_flops() // 2
             self.total += self.step_flops[key]
