@@ -60,10 +60,12 @@ def pytest_terminal_summary(terminalreporter):
           f"{PEAK['fixed']:.2f} s; with the round-0 evaluation: {PEAK['startup']:.2f} s")
     if RESULTS:
         w(f"{'method':<12}{'s/round':>9}{'floor':>9}{'ratio':>7}{'GFLOP/s':>9}{'floor train':>13}"
-          f"{'floor eval':>12}{'% peak':>8}")
+          f"{'floor eval':>12}{'% peak':>8}{'floor SVD s':>13}")
         for r in RESULTS:
             pk = f"{100 * r['gflops'] * 1e9 / PEAK['peak']:.0f}" if "peak" in PEAK else "-"
             w(f"{r['method']:<12}{r['engine_s']:>9.3f}{r['floor_s']:>9.3f}{r['ratio']:>7.2f}{r['gflops']:>9.1f}"
-              f"{r['floor_train_gflops']:>13.1f}{r['floor_eval_gflops']:>12.1f}{pk:>8}")
+              f"{r['floor_train_gflops']:>13.1f}{r['floor_eval_gflops']:>12.1f}{pk:>8}"
+              f"{r['floor_svd_s']:>13.3f}")
         w("GFLOP/s: 2 FLOPs per multiply-add, the round's metered passes (training x3, inference and "
-          "evaluation x1) over the engine's round time; floor train/eval: the floor's rate on each kind of pass.")
+          "evaluation x1) over the engine's round time; floor train/eval: the floor's rate on each kind of pass; "
+          "floor SVD s: the round's SVDs (FedKD's compression) replayed, part of the floor.")

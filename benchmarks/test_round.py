@@ -36,7 +36,7 @@ METHODS = list(n10_configs(None))
 
 def measure(cfg) -> dict:
     """Engine rounds 3..R and floor replays interleaved in one run (a noisy machine slows both)."""
-    engine, floor_train, floor_eval = [], [], []
+    engine, floor_train, floor_eval, floor_svd = [], [], [], []
     state: dict = {"floor": None, "start": None}
 
     with Tracer() as tracer:
@@ -50,10 +50,11 @@ def measure(cfg) -> dict:
             elif r == 2:
                 tracer.recording = False
                 state["floor"] = Floor(tracer.passes, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip,
-                                       cfg.device)
+                                       cfg.device, decompositions=tracer.decompositions)
             if state["floor"] is not None:
                 floor_train.append(state["floor"].replay(train=True))
                 floor_eval.append(state["floor"].replay(train=False))
+                floor_svd.append(state["floor"].replay_decompositions())
             state["start"] = time.perf_counter()
 
         run(cfg, progress=False, on_round=on_round)
@@ -61,9 +62,10 @@ def measure(cfg) -> dict:
     train_flops = sum(p.flops for p in fl.passes if p.train)
     eval_flops = fl.flops - train_flops
     t_engine = statistics.median(engine)
-    t_floor = statistics.median(t + e for t, e in zip(floor_train, floor_eval))
+    t_floor = statistics.median(t + e + d for t, e, d in zip(floor_train, floor_eval, floor_svd))
     return {"method": cfg.method, "engine_s": t_engine, "floor_s": t_floor, "ratio": t_engine / t_floor,
             "gflops": 2 * fl.flops / t_engine / 1e9, "steps": fl.steps,
+            "floor_svd_s": statistics.median(floor_svd), "svds": len(fl.decompositions),
             "floor_train_gflops": 2 * train_flops / statistics.median(floor_train) / 1e9,
             "floor_eval_gflops": 2 * eval_flops / statistics.median(floor_eval) / 1e9 if eval_flops else 0.0}
 
