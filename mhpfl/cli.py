@@ -35,6 +35,9 @@ RUN_FLAGS = [
     ("--precision", "precision", str, "fp32 | bf16 (bf16: autocast of forward passes, fp32 weights; "
                                       "recorded in the summary)"),
     ("--eval-every", "eval_every", int, "evaluate all clients every R rounds (and at the end)"),
+    ("--test-eval", "test_eval", str, "every: the test split at every evaluated round; improved: only at "
+                                      "rounds that improve the mean validation accuracy and at the last (same "
+                                      "selected and final accuracy, cheaper, no best-on-test view)"),
     ("--data-root", "data_root", str, "dataset directory (default $MHPFL_DATA or ~/.cache/mhpfl)"),
 ]
 
@@ -107,9 +110,13 @@ def _method_meta(name: str):
 def _result_line(summary: dict, out) -> str:
     return (f"{summary['method']}: acc {summary['selected_mean_acc']:.2f}% (round {summary['selected_round']}, "
             f"best on validation{'' if summary['converged'] else '; not converged'})  "
-            f"best on test {summary['best_mean_acc']:.2f}%  "
+            f"best on test {_pct(summary['best_mean_acc'])}  "
             f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
             f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}%"
 
 
 def _same_run(summary: dict, cfg, key: str) -> tuple[bool, str]:
@@ -272,7 +279,7 @@ def cmd_compare(argv: list[str]) -> int:
         rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
                      **{k: f.get(k, "") for k in differ}, "engine": s.get("engine", "inprocess"),
                      "acc % (val-selected)": round(s["selected_mean_acc"], 2),
-                     "best acc % (on test)": round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
+                     "best acc % (on test)": None if s["best_mean_acc"] is None else round(s["best_mean_acc"], 2), "final acc %": round(s["final_mean_acc"], 2),
                      "converged": s["converged"],
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,
                      "train FLOPs/round": f"{s['train_flops'] / r:.3e}", "wall s": s["wall_seconds"]})

@@ -9,6 +9,7 @@ from typing import Any
 from mhpfl.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
+TEST_EVALS = ("every", "improved")
 PAPER_K = {"fmnist": 2, "mnist": 2, "kmnist": 2, "cifar10": 2, "cifar100": 10}
 
 
@@ -37,6 +38,10 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward passes; fp32 weights and optimizer)
     batch_clients: bool = False  # train clients of one architecture as one vmapped computation
     eval_every: int = 1
+    # every: the test split at every evaluated round (test curves, the paper's best-on-test view);
+    # improved: only where the mean validation accuracy improves, and at the last round (exact
+    # selected and final accuracies, no best-on-test view; engine/runner.py)
+    test_eval: str = "every"
     data_root: str | None = None
     download: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +127,8 @@ class RunConfig:
                                 "use --device cpu")
         elif self.device != "cpu":
             raise UserError(f"unknown device '{self.device}'; use cpu or cuda")
+        if self.test_eval not in TEST_EVALS:
+            raise UserError(f"unknown --test-eval '{self.test_eval}'; use {' or '.join(TEST_EVALS)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}'; use {' or '.join(PRECISIONS)}")
         cls(**self.method_options).validate(self, info)  # unknown or impossible method options fail here

@@ -29,6 +29,7 @@ def test_bad_suites_give_one_line_errors(tmp_path, data_root):
                                          extra="[settings.method_options.pfedlora]\nbogus = 1")
     assert "expected an integer" in _err(tmp_path, data_root, extra='clients = "ten"')
     assert "fedavg supports only the homo zoo" in _err(tmp_path, data_root, extra='methods = ["fedavg"]')
+    assert "is for single runs (mhpfl run)" in _err(tmp_path, data_root, extra='test_eval = "improved"')
     bad = write_suite(tmp_path, data_root, extra="[[ablations]]\nname='r'\nsetting='A'\noption='nope'\nvalues=[1]")
     with pytest.raises(UserError, match="pfedlora has no option 'nope'"):
         load_suite(str(bad))

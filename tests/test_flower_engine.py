@@ -48,6 +48,9 @@ def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root)
     # partial participation, evaluated every round: both engines reuse unchanged clients' evaluations
     methods.append("standalone-partial")
     cfgs.append(small("standalone", data_root, frac=0.4, eval_every=1))
+    # ... and the test split only where validation improves (evaluations name their splits)
+    methods.append("fedproto-improved")
+    cfgs.append(small("fedproto", data_root, eval_every=1, local_epochs=3, test_eval="improved"))
     flower = simulate(cfgs, [tmp_path / "flower" / m for m in methods], progress=False, cpus=2)
     for m, cfg, fl in zip(methods, cfgs, flower):
         ref = run(dataclasses.replace(cfg), out=tmp_path / "inprocess" / m, progress=False)
@@ -65,6 +68,7 @@ def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root)
         # accuracy per round: exactly equal single-threaded (the issue allows 0.5 points)
         acc = [c for c in rows_in.columns if "acc" in c]
         assert (rows_fl[acc] - rows_in[acc]).abs().max().max() <= 1e-9, m
+        assert rows_fl[acc].isna().equals(rows_in[acc].isna()), m
         # the summaries agree on everything but the engine and the wall time
         on_disk = json.loads((tmp_path / "flower" / m / "summary.json").read_text())
         assert on_disk["engine"] == "flower" and on_disk["engine_version"]

@@ -199,7 +199,7 @@ def test_an_unchanged_client_is_not_evaluated_again_and_the_numbers_are_exact(ti
 
     calls: list[int] = []
     real = runner.evaluate_client
-    monkeypatch.setattr(runner, "evaluate_client", lambda m, c: calls.append(c.cid) or real(m, c))
+    monkeypatch.setattr(runner, "evaluate_client", lambda m, c, *a: calls.append(c.cid) or real(m, c, *a))
     cfg = tiny_cfg("fedproto", clients=10, frac=0.2, rounds=5)
     results = {}
     for reuse in (True, False):
@@ -215,3 +215,74 @@ def test_an_unchanged_client_is_not_evaluated_again_and_the_numbers_are_exact(ti
             assert sorted(calls[n:]) == (sorted(cids) if reuse else list(range(10)))
         results[reuse] = evals
     assert results[True] == results[False]
+
+
+def test_test_split_is_measured_only_where_validation_improves_with_test_eval_improved():
+    """--test-eval improved: round 0 has no test columns; a round >= 1 gets the test split when
+    some head's mean validation accuracy beats its best so far (a tie does not: the selection
+    takes the earliest), and the last round always; the selected and final accuracies are
+    what `every` reports, the best-on-test view is null."""
+    heads = get_method("fedproto").eval_heads
+    rec = recorder(rounds=6, method="fedproto")
+    rec.cfg.test_eval = "improved"
+
+    def evs(test, val_first, val_second):
+        e = {**ev(test, 10, val_first, 10, heads[0]), **ev(test, 10, val_second, 10, heads[1])}
+        return [e, e]
+
+    plan = [(0, evs(1, 9, 9), False),  # round 0: never selected, no test
+            (1, evs(5, 5, 5), True),   # the first round >= 1
+            (2, evs(6, 5, 5), False),  # a tie on both heads
+            (3, evs(7, 4, 6), True),   # only the second head improves
+            (4, evs(9, 7, 4), True),   # the first head improves
+            (5, evs(9, 6, 6), False),
+            (6, evs(3, 2, 2), True)]   # the last round
+    for r, e, due in plan:
+        assert rec.test_due(r, e) is due, r
+        rec.record(r, e, 0, with_test=due)
+    measured = [r["round"] for r in rec.rows if not math.isnan(r["mean_acc"])]
+    assert measured == [1, 3, 4, 6]
+    s = rec.summary({})
+    assert s["selected_round"] == 4 and s["selected_mean_acc"] == pytest.approx(90.0)
+    assert s[f"selected_mean_acc_{heads[1]}"] == pytest.approx(70.0)  # round 3, its head's best validation
+    assert s["final_mean_acc"] == pytest.approx(30.0) and s["per_client_final_acc"] == pytest.approx([30.0, 30.0])
+    assert s["best_mean_acc"] is None and s["per_client_best_acc"] is None
+    assert s["config"]["test_eval"] == "improved"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method, frac, epochs", [("fedproto", 1.0, 3), ("standalone", 0.6, 5)])
+def test_test_eval_improved_gives_the_same_selected_and_final_results(tiny_cfg, one_thread, monkeypatch,
+                                                                       method, frac, epochs):
+    """The same run with --test-eval every and improved: identical validation columns,
+    selection, selected and final accuracies, bytes and FLOPs; the test split is evaluated at
+    exactly the rounds that improve a head's mean validation accuracy, and at the last (with
+    partial participation, only for the clients changed since their last test evaluation)."""
+    from mhpfl.engine import run, runner
+
+    done: list[tuple[str, int]] = []  # (split, client) of every evaluation of a split
+    real = runner.evaluate_client
+    monkeypatch.setattr(runner, "evaluate_client", lambda m, c, splits=runner.SPLITS: (
+        done.extend((s, c.cid) for s in splits)) or real(m, c, splits))
+    ref_rows, rows = [], []
+    kw = dict(rounds=8, frac=frac, local_epochs=epochs)  # converges within the run: some rounds do not improve
+    every = run(tiny_cfg(method, **kw), progress=False, on_round=ref_rows.append)
+    done.clear()
+    fast = run(tiny_cfg(method, **kw, test_eval="improved"), progress=False, on_round=rows.append)
+    heads = [f"mean_val_acc{'' if i == 0 else f'_{h}'}" for i, h in enumerate(get_method(method).eval_heads)]
+    want = [r["round"] for r in ref_rows if r["round"] == 8 or r["round"] >= 1 and any(
+        r[h] > max([q[h] for q in ref_rows if 1 <= q["round"] < r["round"]], default=-1) for h in heads)]
+    assert [r["round"] for r in rows if not math.isnan(r["mean_acc"])] == want and len(want) < 8
+    for a, b in zip(rows, ref_rows, strict=True):
+        assert {k: v for k, v in a.items() if "val" in k} == {k: v for k, v in b.items() if "val" in k}
+        if not math.isnan(a["mean_acc"]):
+            assert {k: v for k, v in a.items() if "wall" not in k} == {k: v for k, v in b.items() if "wall" not in k}
+    same = ("selected_round", "selected_mean_acc", "selected_val_mean_acc", "final_mean_acc", "per_client_selected_acc",
+            "per_client_final_acc", "convergence", "bytes_up", "bytes_down", "train_flops")
+    assert {k: fast[k] for k in same} == {k: every[k] for k in same}
+    assert fast["best_mean_acc"] is None and every["best_mean_acc"] is not None
+    tested, validated = (sum(s == split for s, _ in done) for split in ("test", "val"))
+    if frac == 1.0:  # every client changes every round: each split once per client and round measured
+        assert tested == 5 * len(want) and validated == 5 * 9
+    else:
+        assert 0 < tested < 5 * len(want) and validated < 5 * 9

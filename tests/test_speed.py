@@ -198,9 +198,14 @@ def test_progress_eta_from_work_done():
     assert _clock(90) == "1m30s" and _clock(3 * 3600 + 60) == "3h01m"
 
 
-def test_precision_enters_the_run_key_only_when_not_the_default():
+def test_precision_and_test_eval_enter_the_run_key_only_when_not_the_default():
     from mhpfl.benchmark.suite import run_key
 
     base = RunConfig(method="standalone", download=False)
     assert run_key(base) == run_key(RunConfig(method="standalone", download=False, precision="fp32"))
     assert run_key(base) != run_key(RunConfig(method="standalone", download=False, precision="bf16"))
+    # likewise --test-eval (every: the keys of the cached runs hold)
+    assert run_key(base) == run_key(RunConfig(method="standalone", download=False, test_eval="every"))
+    assert run_key(base) != run_key(RunConfig(method="standalone", download=False, test_eval="improved"))
+    with pytest.raises(UserError, match="unknown --test-eval 'some'; use every or improved"):
+        RunConfig(method="standalone", download=False, test_eval="some").validate()

@@ -277,6 +277,8 @@ def run_key(cfg: RunConfig) -> str:
         d.pop(k, None)
     if d.get("precision") == "fp32":  # the default: keys of runs cached before --precision existed hold
         d.pop("precision")
+    if d.get("test_eval") == "every":  # likewise before --test-eval
+        d.pop("test_eval")
     d["method_options"] = dict(sorted(cls(**cfg.method_options).hp.items()))
     if d["augment"] is None:
         d["augment"] = dataset_info(cfg.dataset).augment
@@ -321,6 +323,10 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
         _unknown(sw, s, SETTING_KEYS | set(RUN_FIELDS))
         run_over = _run_fields(sw, {k: v for k, v in s.items() if k in RUN_FIELDS})
         merged = {**defaults, **run_over, **overrides}
+        if merged.get("test_eval", "every") != "every":
+            raise UserError(f"{sw}: test_eval = {merged['test_eval']!r} is for single runs (mhpfl run): a suite's "
+                            "report needs the test split at every evaluated round (best-on-test column, curves, "
+                            "rounds to target); remove it")
         probe = RunConfig(method="-", **merged)
         sname = _expect(f"{sw}: name", s.get("name", _auto_name(probe)), str, "a string")
         sw = f"{where} setting '{sname}'"

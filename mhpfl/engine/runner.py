@@ -8,7 +8,11 @@ The evaluation protocol, i.e. what every accuracy figure means (tests/test_proto
 - At round 0 (before training), every --eval-every rounds and at the last round, EVERY client is
   evaluated on its validation split and on its test split (both partitioned with the client's
   class shares; a client that has not taken part in a round since its last evaluation is
-  unchanged, and every engine reuses that evaluation: `EvalCache`). A client that has not
+  unchanged, and every engine reuses that evaluation: `EvalCache`). With --test-eval improved
+  the test split is evaluated only at the last round and at the rounds >= 1 where some head's
+  mean validation accuracy beats its best so far: the rounds the selection below can pick, so
+  the selected and final accuracies are exactly those of `every`; the other rows of
+  rounds.csv have no test columns and `best_mean_acc` is null. A client that has not
   participated yet has not run the method's set-up (a real federation's client starts when it
   is first contacted): it is evaluated with its untouched model, and counted as
   never-participated.
@@ -91,13 +95,13 @@ def client_step(method: Method, client: Client, round_: int, phase: str, down: M
     return wire(method.client_update(client, down, phase), method.name, "client")
 
 
-def evaluate_client(method: Method, client: Client) -> dict[str, int]:
-    """Correct predictions of every head on the client's validation and test splits:
+def evaluate_client(method: Method, client: Client, splits: Sequence[str] = SPLITS) -> dict[str, int]:
+    """Correct predictions of every head on the client's `splits` (validation and test):
     {"HEAD/SPLIT": correct, "n/SPLIT": samples}. Before its set-up a client predicts with its
     untouched model (every head alike). Inference mode, batches of INFER_BATCH, the run's
     precision (Client.correct)."""
     out: dict[str, int] = {}
-    for split in SPLITS:
+    for split in splits:
         data = getattr(client.data, split)
         out[f"n/{split}"] = len(data)
         for h in method.eval_heads:
@@ -127,27 +131,29 @@ def _weighted(evals: Sequence[Mapping[str, int]], head: str, split: str) -> floa
 
 # ---- bookkeeping shared by every engine -----------------------------------------------------------
 class EvalCache:
-    """Each client's latest evaluation. A client that has not taken part in a round since then
-    has the same model, state and data, so it is not evaluated again (exact; with partial
-    participation most clients are such, e.g. 90% at N100-C10). `reuse = False` evaluates all."""
+    """Each client's latest evaluation, per split. A client that has not taken part in a round
+    since then has the same model, state and data, so it is not evaluated again (exact; with
+    partial participation most clients are such, e.g. 90% at N100-C10). `reuse = False`
+    evaluates all."""
 
     def __init__(self, clients: int, reuse: bool = True):
         self.clients, self.reuse = clients, reuse
-        self.evals: dict[int, dict[str, int]] = {}
-        self.changed: set[int] = set()  # clients updated since their latest evaluation
+        self.evals: dict[int, dict[str, int]] = {}  # of each client's current model only
 
     def updated(self, cids) -> None:
-        self.changed.update(cids)
+        for c in cids:
+            self.evals.pop(c, None)
 
-    def due(self) -> list[int]:
-        """The clients to evaluate now."""
-        return [c for c in range(self.clients) if not self.reuse or c in self.changed or c not in self.evals]
+    def due(self, splits: Sequence[str] = SPLITS) -> list[int]:
+        """The clients to evaluate now on `splits`."""
+        return [c for c in range(self.clients)
+                if not self.reuse or any(f"n/{s}" not in self.evals.get(c, {}) for s in splits)]
 
     def collect(self, fresh: Mapping[int, dict[str, int]]) -> list[dict[str, int]]:
-        """Every client's evaluation, `fresh` ones (of the `due` clients) replacing the old."""
-        self.evals.update(fresh)
-        self.changed.clear()
-        return [self.evals[c] for c in range(self.clients)]
+        """Every client's evaluation, `fresh` ones (of the `due` clients) added."""
+        for c, e in fresh.items():
+            self.evals.setdefault(c, {}).update(e)
+        return [self.evals.get(c, {}) for c in range(self.clients)]
 
 
 class Recorder:
@@ -176,9 +182,27 @@ class Recorder:
         self.pending["bytes_down"] += down
         self.pending["bytes_up"] += up
 
-    def record(self, round_: int, evals: Sequence[Mapping[str, int]], flops_total: int) -> dict:
+    def test_due(self, round_: int, evals: Sequence[Mapping[str, int]]) -> bool:
+        """Whether round `round_`, whose validation results are `evals`, needs the test split:
+        always with --test-eval every; else at the last round and where some head's mean
+        validation accuracy beats its best over the earlier rounds >= 1 (a round the
+        validation selection can pick: ties go to the earliest)."""
+        if self.cfg.test_eval == "every" or round_ == self.cfg.rounds:
+            return True
+        if round_ < 1:
+            return False
+        for i, h in enumerate(self.heads):
+            v = _nanmean(_acc(evals, h, "val"))
+            col = f"mean_val_acc{'' if i == 0 else f'_{h}'}"
+            best = [r[col] for r in self.rows if r["round"] >= 1 and not math.isnan(r[col])]
+            if not math.isnan(v) and (not best or v > max(best)):
+                return True
+        return False
+
+    def record(self, round_: int, evals: Sequence[Mapping[str, int]], flops_total: int, with_test: bool = True) -> dict:
         """One evaluated round: `evals[i]` is client i's `evaluate_client`; `flops_total` the
-        clients' cumulative training FLOPs so far."""
+        clients' cumulative training FLOPs so far; `with_test` False: the test split was not
+        evaluated (its columns are NaN)."""
         now = time.perf_counter()
         row: dict[str, Any] = {"round": round_, **self.pending, "train_flops": flops_total - self.last_flops,
                                "wall_seconds": round(now - self.last_time, 3)}
@@ -190,13 +214,17 @@ class Recorder:
         accs = {}
         for i, h in enumerate(self.heads):
             sfx = "" if i == 0 else f"_{h}"
-            test, val = _acc(evals, h, "test"), _acc(evals, h, "val")
+            val = _acc(evals, h, "val")
+            test = _acc(evals, h, "test") if with_test else np.full(len(evals), np.nan)
             accs[f"{h}/test"], accs[f"{h}/val"] = test, val
-            row.update({f"mean_acc{sfx}": float(np.nanmean(test)), f"weighted_acc{sfx}": _weighted(evals, h, "test"),
+            measured = not np.all(np.isnan(test))
+            row.update({f"mean_acc{sfx}": _nanmean(test),
+                        f"weighted_acc{sfx}": _weighted(evals, h, "test") if with_test else math.nan,
                         f"mean_val_acc{sfx}": _nanmean(val), f"weighted_val_acc{sfx}": _weighted(evals, h, "val"),
                         f"mean_acc_participated{sfx}": _nanmean(test[joined]),
-                        f"min_acc{sfx}": float(np.nanmin(test)), f"max_acc{sfx}": float(np.nanmax(test)),
-                        f"std_acc{sfx}": float(np.nanstd(test))})
+                        f"min_acc{sfx}": float(np.nanmin(test)) if measured else math.nan,
+                        f"max_acc{sfx}": float(np.nanmax(test)) if measured else math.nan,
+                        f"std_acc{sfx}": float(np.nanstd(test)) if measured else math.nan})
         self.rows.append(row)
         self.per_client.append(accs)
         self.pending = {"bytes_up": 0, "bytes_down": 0}
@@ -233,8 +261,9 @@ class Recorder:
         sel, how = self.selected_index()
         trained = [r for r in self.rows if r["round"] >= 1] or self.rows[-1:]
         final, fin_acc = self.rows[-1], self.per_client[-1][f"{head}/test"]
+        every = self.cfg.test_eval == "every"  # else no best-on-test view: test was not measured every round
         best_per_client = np.nanmax(np.stack([a[f"{head}/test"] for a, r in zip(self.per_client, self.rows)
-                                              if r["round"] >= 1] or [fin_acc]), axis=0)
+                                              if r["round"] >= 1] or [fin_acc]), axis=0) if every else None
         conv = self.convergence()
         s: dict[str, Any] = {
             "method": cls.name,
@@ -248,7 +277,7 @@ class Recorder:
             "selected_val_mean_acc": self.rows[sel]["mean_val_acc"],
             "selected_weighted_acc": self.rows[sel]["weighted_acc"],
             "selected_mean_acc_participated": self.rows[sel]["mean_acc_participated"],
-            "best_mean_acc": max(r["mean_acc"] for r in trained),
+            "best_mean_acc": max(r["mean_acc"] for r in trained) if every else None,
             "final_mean_acc": final["mean_acc"],
             "final_weighted_acc": final["weighted_acc"],
             "final_mean_acc_participated": final["mean_acc_participated"],
@@ -256,7 +285,7 @@ class Recorder:
             "final_max_acc": final["max_acc"],
             "final_std_acc": final["std_acc"],
             "per_client_selected_acc": _list(self.per_client[sel][f"{head}/test"]),
-            "per_client_best_acc": _list(best_per_client),
+            "per_client_best_acc": _list(best_per_client) if every else None,
             "per_client_final_acc": _list(fin_acc),
             "participation": self.participation.tolist(),
             "never_participated": int((self.participation == 0).sum()),
@@ -275,7 +304,7 @@ class Recorder:
         for h in self.heads[1:]:
             hs, _ = self.selected_index(h)
             s[f"selected_mean_acc_{h}"] = self.rows[hs][f"mean_acc_{h}"]
-            s[f"best_mean_acc_{h}"] = max(r[f"mean_acc_{h}"] for r in trained)
+            s[f"best_mean_acc_{h}"] = max(r[f"mean_acc_{h}"] for r in trained) if every else None
             s[f"final_mean_acc_{h}"] = final[f"mean_acc_{h}"]
         if self.out is not None:
             atomic_write_json(self.out / "summary.json", s)
@@ -347,9 +376,10 @@ class Federation:
         method.init_server(server)
         return cls(cfg, method, clients, server, meter, len(data.public), Batcher() if cfg.batch_clients else None)
 
-    def evaluate(self) -> list[dict[str, int]]:
-        """Every client's evaluation (those unchanged since their last one: reused)."""
-        return self.evals.collect({c: evaluate_client(self.method, self.clients[c]) for c in self.evals.due()})
+    def evaluate(self, splits: Sequence[str] = SPLITS) -> list[dict[str, int]]:
+        """Every client's evaluation on `splits` (those unchanged since their last one: reused)."""
+        return self.evals.collect({c: evaluate_client(self.method, self.clients[c], splits)
+                                   for c in self.evals.due(splits)})
 
     def exchange(self, downs: dict[int, Message], r: int, phase: str) -> dict[int, Message]:
         """Each participant's update on its message, in this process; with --batch-clients their
@@ -384,20 +414,31 @@ def play_round(method: Method, server: Server, r: int, exchange: Callable[[dict,
     return cids
 
 
-def drive(cfg: RunConfig, rec: Recorder, play: Callable[[int], Any], evaluate: Callable[[int], list],
-          flops: Callable[[], int], bar=None) -> None:
+def drive(cfg: RunConfig, rec: Recorder, play: Callable[[int], Any],
+          evaluate: Callable[[int, Sequence[str]], list], flops: Callable[[], int], bar=None) -> None:
     """Any engine's run: round 0's evaluation, then every round played, evaluated every
-    `eval_every` rounds and at the last, the progress bar updated."""
-    rec.record(0, evaluate(0), flops())
+    `eval_every` rounds and at the last (`evaluate(round, splits)`; the test split only where
+    `rec.test_due`), the progress bar updated."""
+
+    def measure(r: int) -> None:
+        if cfg.test_eval == "every":
+            rec.record(r, evaluate(r, SPLITS), flops())
+            return
+        evals = evaluate(r, ("val",))
+        test = rec.test_due(r, evals)
+        rec.record(r, evaluate(r, ("test",)) if test else evals, flops(), with_test=test)
+
+    measure(0)
     for r in range(1, cfg.rounds + 1):
         play(r)
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            rec.record(r, evaluate(r), flops())
+            measure(r)
         if bar is not None:
             last = rec.rows[-1]
             sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
-            bar.set_postfix_str(f"acc {last['mean_acc']:.2f}% (round {last['round']})  sent {_human(sent)}",
-                                refresh=False)
+            acc = (f"acc {last['mean_acc']:.2f}%" if not math.isnan(last["mean_acc"])
+                   else f"val acc {last['mean_val_acc']:.2f}%")
+            bar.set_postfix_str(f"{acc} (round {last['round']})  sent {_human(sent)}", refresh=False)
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -413,7 +454,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
     fed = Federation.build(cfg)
     rec = Recorder(cfg, fed.method, [c.arch for c in fed.clients], [c.num_train for c in fed.clients],
                    out, on_round)
-    drive(cfg, rec, lambda r: fed.play_round(r, rec), lambda r: fed.evaluate(), lambda: fed.meter.total,
+    drive(cfg, rec, lambda r: fed.play_round(r, rec), lambda r, splits: fed.evaluate(splits), lambda: fed.meter.total,
           progress_bar(cfg, progress))
     batched = {"batched_steps": fed.batcher.batched_steps} if fed.batcher is not None else {}
     return rec.summary(fed.meter.per_sample, public_size=fed.public_size, **batched)

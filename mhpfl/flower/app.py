@@ -8,8 +8,8 @@ round and the phase; metadata like the sample counts, not payload):
   num-partitions), their architectures and training-sample counts;
 - train (to each participant, per phase): ArrayRecord "down" = the server's message; reply
   ArrayRecord "up" = the client's upload, MetricRecord "metrics" = the FLOPs it ran;
-- evaluate (to every client, each evaluated round): reply MetricRecord of correct counts per
-  head and split.
+- evaluate (to every client due, each evaluated round; its task names the splits): reply
+  MetricRecord of correct counts per head and split.
 
 Simulation: `run_flower` (used by `mhpfl run METHOD --engine flower`). Deployment: the
 module-level `server_app` and `client_app`, named by the Flower App that
@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -116,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     method, client = _client(msg.content["task"], context)
-    counts = evaluate_client(method, client)
+    counts = evaluate_client(method, client, str(msg.content["task"]["splits"]).split(","))
     return Message(RecordDict({"per_sample": _per_sample(client),
                                "metrics": MetricRecord({"cid": client.cid, **{k: int(v) for k, v in counts.items()}})}),
                    reply_to=msg)
@@ -207,12 +207,15 @@ class _Federation:
             ups[cid] = up
         return ups
 
-    def evaluate(self, round_: int) -> list[dict[str, int]]:
-        """Every client's evaluation, as messages to the clients due (EvalCache: the others'
-        are reused, as in the in-process engine)."""
-        due = self.evals.due()
-        replies = self._send([(self.node_of[c], "evaluate", RecordDict({"task": self._task(c, round_, "evaluate")}))
-                              for c in due]) if due else []
+    def evaluate(self, round_: int, splits: Sequence[str]) -> list[dict[str, int]]:
+        """Every client's evaluation on `splits`, as messages to the clients due (EvalCache: the
+        others' are reused, as in the in-process engine)."""
+        due = self.evals.due(splits)
+        tasks = {c: self._task(c, round_, "evaluate") for c in due}
+        for t in tasks.values():
+            t["splits"] = ",".join(splits)
+        replies = self._send([(self.node_of[c], "evaluate", RecordDict({"task": t}))
+                              for c, t in tasks.items()]) if due else []
         fresh = {}
         for r in replies:
             fresh[self._absorb(r)] = {k: int(v) for k, v in r.content["metrics"].items() if k != "cid"}
