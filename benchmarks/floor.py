@@ -145,7 +145,6 @@ class Floor:
                     p.module.forward(pool[:p.shape[0]])
         return time.perf_counter() - t0
 
-
     def replay_decompositions(self) -> float:
         """Run the round's SVDs once, on the matrices the round decomposed; returns the seconds."""
         t0 = time.perf_counter()

@@ -97,7 +97,8 @@ def test_startup(benchmark, data_root, tmp_path):
              "{patch}\nfrom mhpfl.cli import main\nmain({args!r})\n")
     built = probe.format(args=args, patch="build = runner.Federation.build\n"
                          "runner.Federation.build = classmethod(lambda cls, cfg: stamp(build(cfg)))")
-    round0 = probe.format(args=args, patch="runner.Recorder.on_round = property(lambda self: stamp, lambda self, v: None)")
+    round0 = probe.format(args=args,
+                          patch="runner.Recorder.on_round = property(lambda self: stamp, lambda self, v: None)")
     subprocess.run([sys.executable, "-c", round0], check=True, capture_output=True)  # warms the dataset cache
 
     def once(code):
