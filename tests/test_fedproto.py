@@ -142,6 +142,29 @@ def test_proto_head_nearest_prototype_own_or_all_classes():
         assert torch.equal(m.predict(client, x, "head"), client.model(x))
 
 
+@pytest.mark.parametrize("method", ["fedproto", "fedtgp"])
+def test_evaluation_runs_one_forward_pass_per_batch_for_both_heads(method):
+    """The engine evaluates both heads from one pass of the model over each batch, with the
+    counts each head's own `predict` gives."""
+    from mhpfl.engine.runner import evaluate_client
+
+    client = make_client()
+    m = get_method(method)()
+    m.init_client(client)
+    client.ready = True
+    client.state["protos"][:] = torch.randn_like(client.state["protos"])
+    client.state["has"][::2] = True
+    calls = []
+    hook = client.model.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    counts = evaluate_client(m, client)
+    hook.remove()
+    splits = {"val": client.data.val, "test": client.data.test}
+    assert calls == [len(y) for s in splits.values() for _, y in s.batches(256, shuffle=False)]
+    for name, split in splits.items():
+        for h in m.eval_heads:
+            assert counts[f"{h}/{name}"] == client.correct(lambda x, h=h: m.predict(client, x, h), split)
+
+
 def test_bad_options():
     for bad in ({"weighting": "max"}, {"proto_classes": "some"}, {"proto_from": "val"}, {"ld": -1.0}):
         with pytest.raises(UserError):

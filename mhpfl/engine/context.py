@@ -129,8 +129,19 @@ class Client:
                 batch_size: int = INFER_BATCH) -> int:
         """How many samples of `split` predict(x)'s argmax gets right, in `evaluating()`, batches
         of INFER_BATCH in order, the count kept on the device (one sync at the end)."""
+        return self.correct_heads(lambda x: {"": predict(x)}, split, ("",), batch_size)[""]
+
+    def correct_heads(self, predict: Callable[[torch.Tensor], dict[str, torch.Tensor]], split: Split,
+                      heads: Sequence[str], batch_size: int = INFER_BATCH) -> dict[str, int]:
+        """`correct` for several heads in one pass over the data: predict(x) maps each head to
+        its scores."""
+        hits: dict[str, Any] = dict.fromkeys(heads, 0)
         with self.evaluating():
-            return int(sum((predict(x).argmax(1) == y).sum() for x, y in split.batches(batch_size, shuffle=False)))
+            for x, y in split.batches(batch_size, shuffle=False):
+                scores = predict(x)
+                for h in heads:
+                    hits[h] = hits[h] + (scores[h].argmax(1) == y).sum()
+            return {h: int(v) for h, v in hits.items()}
 
 
 class FitRun:

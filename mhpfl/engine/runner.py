@@ -99,14 +99,20 @@ def evaluate_client(method: Method, client: Client, splits: Sequence[str] = SPLI
     """Correct predictions of every head on the client's `splits` (validation and test):
     {"HEAD/SPLIT": correct, "n/SPLIT": samples}. Before its set-up a client predicts with its
     untouched model (every head alike). Inference mode, batches of INFER_BATCH, the run's
-    precision (Client.correct)."""
+    precision, one pass over each split for all heads (`Method.predict_heads`,
+    `Client.correct_heads`)."""
+    heads = method.eval_heads
+    if client.ready:
+        def predict(x):
+            return method.predict_heads(client, x)
+    else:
+        def predict(x):
+            return dict.fromkeys(heads, client.model(x))
     out: dict[str, int] = {}
     for split in splits:
         data = getattr(client.data, split)
         out[f"n/{split}"] = len(data)
-        for h in method.eval_heads:
-            predict = (lambda x, h=h: method.predict(client, x, h)) if client.ready else client.model
-            out[f"{h}/{split}"] = client.correct(predict, data)
+        out.update({f"{h}/{split}": n for h, n in client.correct_heads(predict, data, heads).items()})
     return out
 
 

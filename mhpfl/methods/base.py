@@ -115,6 +115,11 @@ class Method(ABC):
         """Personalized class scores of `client` for inputs x (argmax is the prediction)."""
         return client.model(x)
 
+    def predict_heads(self, client: "Client", x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's `predict` scores for inputs x, what the engine evaluates. A method whose
+        heads share a forward pass overrides this to run it once (FedProto)."""
+        return {h: self.predict(client, x, h) for h in self.eval_heads}
+
     # ---- server side -------------------------------------------------------------------
     def init_server(self, server: "Server") -> None:
         """Set up the server's state (before round 1)."""

@@ -122,16 +122,17 @@ class FedProto(Method):
         return up
 
     def predict(self, client, x, head):
-        if head == "head":
-            return client.model(x)
-        _, rep = client.model(x, return_rep=True)
+        return self.predict_heads(client, x)[head]
+
+    def predict_heads(self, client, x):  # both heads from one forward pass
+        logits, rep = client.model(x, return_rep=True)
         allowed = client.state["has"].clone()
         if self.proto_classes == "own":
             own = torch.zeros_like(allowed)
             own[torch.as_tensor(client.data.classes, dtype=torch.long, device=own.device)] = True
             allowed &= own
         dist = torch.cdist(rep, client.state["protos"]).pow(2)
-        return torch.where(allowed[None, :], -dist, torch.full_like(dist, float("-inf")))
+        return {"head": logits, "proto": torch.where(allowed[None, :], -dist, torch.full_like(dist, float("-inf")))}
 
     # ---- server: the global prototypes --------------------------------------------------
     def init_server(self, server):
