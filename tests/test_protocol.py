@@ -248,6 +248,17 @@ def test_test_split_is_measured_only_where_validation_improves_with_test_eval_im
     assert s["final_mean_acc"] == pytest.approx(30.0) and s["per_client_final_acc"] == pytest.approx([30.0, 30.0])
     assert s["best_mean_acc"] is None and s["per_client_best_acc"] is None
     assert s["config"]["test_eval"] == "improved"
+    # without validation data (--val-size 0) the selection is the last round: the only one measured
+    rec = recorder(rounds=3)
+    rec.cfg.test_eval = "improved"
+    for r in range(4):
+        e = [ev(5 + r, 10, 0, 0)] * 2
+        due = rec.test_due(r, e)
+        assert due is (r == 3)
+        rec.record(r, e, 0, with_test=due)
+    s = rec.summary({})
+    assert s["selected_round"] == 3 and s["selected_mean_acc"] == pytest.approx(80.0)
+    assert s["selection"] == "final round (no validation data)"
 
 
 @needs_fmnist
