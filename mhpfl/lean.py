@@ -106,7 +106,7 @@ def retain_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory in the process: blocks up to 32 MiB come from the
     heap instead of fresh mmaps, and the heap is not trimmed back to the kernel. By default
     both happen between one batch's tensors and the next's, which then fault the same pages in
-    again: a CNN-1 training step plus an evaluation batch, repeated 10 times, takes 40,000-46,000
+    again: a CNN-1 training step plus an evaluation batch, repeated 10 times, takes 8,400-46,000
     page faults, 3-2,300 with this (tests/test_speed.py); a 6-round N10 run 2.0 million faults and 4 s
     of system time (of 27 s), 0.14 million and 0.5 s with it. The arithmetic is untouched; the
     process keeps its peak heap. Skipped (False) where malloc is not glibc's, or where the user
