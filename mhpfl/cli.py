@@ -279,7 +279,7 @@ def cmd_compare(argv: list[str]) -> int:
         rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
                      **{k: f.get(k, "") for k in differ}, "engine": s.get("engine", "inprocess"),
                      "acc % (val-selected)": round(s["selected_mean_acc"], 2),
-                     "best acc % (on test)": None if s["best_mean_acc"] is None else round(s["best_mean_acc"], 2),
+                     "best acc % (on test)": "n/a" if s["best_mean_acc"] is None else round(s["best_mean_acc"], 2),
                      "final acc %": round(s["final_mean_acc"], 2),
                      "converged": s["converged"],
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,

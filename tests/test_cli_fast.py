@@ -79,3 +79,19 @@ def test_run_help_prints_each_default_once_and_explains_clients(capsys):
         help_ = flat.split(f" {flag} ", 1)[1].split(" --", 1)[0]
         assert help_.count("default") <= 1, help_
     assert "N*K must be divisible by the number of classes" in flat
+
+
+def test_compare_shows_a_missing_best_on_test_as_not_available(tmp_path, capsys):
+    """A run with --test-eval improved has no best-on-test accuracy: compare says n/a."""
+    from mhpfl.cli import main
+    from mhpfl.results import REQUIRED_FIELDS
+
+    for name, best in (("every", 91.5), ("improved", None)):
+        s = {f: 0 for f in REQUIRED_FIELDS}
+        s.update(method="standalone", config={"seed": 0, "test_eval": name}, best_mean_acc=best,
+                 selected_mean_acc=90.0, final_mean_acc=89.0, rounds_run=5)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    assert main(["compare", str(tmp_path / "every"), str(tmp_path / "improved")]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if "standalone" in r]
+    assert "91.5" in rows[0] and "n/a" in rows[1] and "nan" not in rows[1]
