@@ -165,6 +165,20 @@ def test_evaluation_runs_one_forward_pass_per_batch_for_both_heads(method):
             assert counts[f"{h}/{name}"] == client.correct(lambda x, h=h: m.predict(client, x, h), split)
 
 
+def test_predict_heads_without_a_head_is_a_one_line_error():
+    """A method (a plugin, say) whose predict_heads leaves out one of its eval_heads stops with
+    a UserError naming the head, not with a KeyError traceback from the engine."""
+    from mhpfl.engine.runner import evaluate_client
+
+    client = make_client()
+    m = get_method("fedproto")()
+    m.init_client(client)
+    client.ready = True
+    m.predict_heads = lambda client, x: {"head": client.model(x)}  # "proto" left out
+    with pytest.raises(UserError, match=r"no scores for eval head\(s\) proto;"):
+        evaluate_client(m, client)
+
+
 def test_bad_options():
     for bad in ({"weighting": "max"}, {"proto_classes": "some"}, {"proto_from": "val"}, {"ld": -1.0}):
         with pytest.raises(UserError):

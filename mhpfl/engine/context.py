@@ -20,7 +20,7 @@ from torch import nn
 from mhpfl.config import RunConfig
 from mhpfl.datasets import INFER_BATCH, ClientData, DatasetInfo, Split
 from mhpfl.engine.meter import FlopMeter
-from mhpfl.errors import NonFiniteLoss
+from mhpfl.errors import NonFiniteLoss, UserError
 from mhpfl.lean import SGD
 from mhpfl.messages import Message, Upload
 from mhpfl.models import build_model
@@ -139,6 +139,10 @@ class Client:
         with self.evaluating():
             for x, y in split.batches(batch_size, shuffle=False):
                 scores = predict(x)
+                if missing := [h for h in heads if h not in scores]:
+                    raise UserError(f"{self.method_name}: predict_heads returned no scores for eval "
+                                    f"head(s) {', '.join(missing)}; return one tensor for every head "
+                                    f"in eval_heads ({', '.join(heads)})")
                 for h in heads:
                     hits[h] = hits[h] + (scores[h].argmax(1) == y).sum()
             return {h: int(v) for h, v in hits.items()}
