@@ -232,6 +232,30 @@ def test_progress_eta_from_work_done():
     assert _clock(90) == "1m30s" and _clock(3 * 3600 + 60) == "3h01m"
 
 
+def test_progress_bar_ends_exactly_full(capsys):
+    """Round after round of fractional work (5% of the data, 1 of 3 clients) fills the bar to
+    exactly its total: no tqdm 'clamping frac' warning, no negative time left."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mhpfl.benchmark.runner import _Progress
+
+    cfgs = [SimpleNamespace(frac=0.34, clients=3, train_fraction=0.05, rounds=80),
+            SimpleNamespace(frac=1.0, clients=10, train_fraction=0.05, rounds=80)]
+    todo = [SimpleNamespace(cfg=c, group="main", method="m", setting="s", seed=i, value=None)
+            for i, c in enumerate(cfgs * 15)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = _Progress(todo, enabled=True, log=lambda m: None)
+        for i in range(len(todo)):
+            p.event(("start", i))
+            for r in range(8, 81, 8):
+                p.event(("round", i, r))
+            p.done({"index": i, "ok": True, "best": 90.0, "wall": 1.0})
+        assert p.bar.n == p.bar.total
+        p.close()
+
+
 def test_precision_and_test_eval_enter_the_run_key_only_when_not_the_default():
     from mhpfl.benchmark.suite import run_key
 

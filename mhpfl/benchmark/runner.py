@@ -369,9 +369,10 @@ class _Progress:
     def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None]):
         self.todo, self.log, self.n = todo, log, len(todo)
         self.t0 = time.perf_counter()
-        # work of one round ~ the share of the training data that participates in it
-        self.unit = [max(1, round(e.cfg.frac * e.cfg.clients)) / e.cfg.clients * e.cfg.train_fraction
-                     for e in todo]
+        # work of one round ~ the share of the training data that participates in it, in integer
+        # millionths: float increments summed over a suite overshoot the bar's total
+        self.unit = [max(1, round(1e6 * max(1, round(e.cfg.frac * e.cfg.clients)) / e.cfg.clients
+                                  * e.cfg.train_fraction)) for e in todo]
         self.seen = [0] * self.n
         self.active: dict[int, int] = {}
         self.finished = 0
