@@ -3,7 +3,7 @@
 1. The kernel: ten clients with the same architecture each take one SGD step's forward and
    backward pass on their own batch: one after the other, and as one computation over stacked
    parameters (`torch.func.stack_module_state` + `functional_call` under `vmap(grad)`).
-2. The engine: one training round (no evaluation) of the quick suite's homogeneous setting
+2. The engine: one training round (no evaluation) of the full suite's homogeneous setting
    (10 CNN-1 clients) with `--batch-clients` and without, two federations built side by side.
 Both interleaved in one run; the ratio is the figure: > 1 means batching is faster. It decides
 the engine's default on a device (docs/performance.md).

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               "  list                 methods, datasets and model zoos\n"
               "  run METHOD [opts]    one federated experiment (mhpfl run METHOD --help)\n"
               "  compare DIR...       table of finished runs\n"
-              "  bench SUITE          run a benchmark suite (smoke, quick, paper or a .toml), cached\n"
+              "  bench SUITE          run a benchmark suite (smoke, quick, full, paper or a .toml), cached\n"
               "  report DIR           tables and plots of a bench folder\n"
               "  check                regression check against results/smoke/reference.json")
         if argv and argv[0] not in ("-h", "--help"):

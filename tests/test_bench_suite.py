@@ -99,7 +99,7 @@ def test_int_and_float_spellings_give_one_key(tmp_path, data_root):
     assert k1 == k2
 
 
-@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "quick", "full", "paper"])
 def test_shipped_suites(name):
     assert name in shipped_suites()
     s = load_suite(name, only_available=True)  # methods not installed yet are dropped here only
@@ -112,6 +112,13 @@ def test_shipped_suites(name):
     for st in s.settings:
         assert "fedavg" not in st.methods or st.cfg.zoo == "homo"
     if name == "quick":
+        # the 45-minute suite: full's N10 setting alone, the very same runs (keys), 3 seeds
+        full = load_suite("full", only_available=True)
+        assert [(st.name, st.cfg.clients, st.cfg.frac) for st in s.settings] == [("N10-C100", 10, 1.0)]
+        assert s.settings[0].seeds == [0, 1, 2] and not s.ablations
+        n10 = {e.key for e in full.entries if e.group == "main" and e.setting == "N10-C100"}
+        assert {e.key for e in s.entries} == n10 and len(n10) == 30
+    if name == "full":
         # the lineage's settings, with ~20 participations per client and 3 seeds
         assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} >= {(10, 1.0), (50, 0.2), (100, 0.1)}
         assert all(st.cfg.rounds * st.cfg.frac >= 20 for st in s.settings)

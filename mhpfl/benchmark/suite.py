@@ -1,6 +1,6 @@
 """Benchmark suites: declarative TOML files expanded into run configurations.
 
-A suite file (see the shipped `suites/smoke.toml`, `quick.toml`, `paper.toml`; copy and edit):
+A suite file (see the shipped `suites/smoke.toml`, `quick.toml`, `full.toml`, `paper.toml`; copy and edit):
 
     name = "quick"                      # optional; default: the file's stem
     description = "..."
