@@ -65,6 +65,22 @@ def test_precision_autocasts_forward_passes_only(precision, dtype):
     assert c.infer(c.model, c.data.train).dtype == torch.float32
 
 
+EVERY_METHOD = ["standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh",
+                "fedtgp", "pfedlora"]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_every_method_runs_in_bf16(method, tiny_cfg, tmp_path):
+    """--precision bf16 end to end: the methods that accumulate per-class sums of what the model
+    outputs (FD's logits, FedProto's representations) got bf16 tensors into float32 sums."""
+    from mhpfl.engine import run
+
+    cfg = tiny_cfg(method, rounds=1, precision="bf16", zoo="homo" if method == "fedavg" else "hetero")
+    s = run(cfg, out=tmp_path, progress=False)
+    assert s["config"]["precision"] == "bf16" and 0 < s["selected_mean_acc"] <= 100
+
+
 def test_unknown_precision_is_a_user_error():
     with pytest.raises(UserError, match="unknown precision 'fp16'; use fp32 or bf16"):
         RunConfig(method="standalone", precision="fp16", download=False).validate()

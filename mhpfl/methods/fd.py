@@ -84,7 +84,7 @@ class FD(Method):
 
         def loss(x, y):
             logits = model(x)
-            sums.index_add_(0, y, logits.detach())
+            sums.index_add_(0, y, logits.detach().float())  # float(): bf16 under --precision bf16
             counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
             out = F.cross_entropy(logits, y)
             if self.gamma:

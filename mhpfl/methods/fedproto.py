@@ -103,7 +103,7 @@ class FedProto(Method):
         def loss(x, y):  # (2)
             logits, rep = model(x, return_rep=True)
             if self.proto_from == "training":
-                sums.index_add_(0, y, rep.detach())
+                sums.index_add_(0, y, rep.detach().float())  # float(): bf16 under --precision bf16
                 counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
             return F.cross_entropy(logits, y) + self.ld * proto_loss(rep, y, protos, has)
 
