@@ -9,6 +9,18 @@ rounds still hold some clients' set-up, as in a real run's first rounds.
 Where the real CIFAR-10 archive is not under --data-root, a CIFAR-10-shaped stand-in of the same
 size (50,000 + 10,000 random 3x32x32 images, balanced labels) is written to a temporary folder:
 the time of a round does not depend on pixel values. The output says which data was used.
+Likewise a Fashion-MNIST-shaped stand-in for `--suite quick` where the real IDX files are absent.
+
+On a GPU (`--device cuda`), one command measures what docs/performance.md's GPU section asks for:
+fp32 and bf16, one client at a time and batched, the quick N10 and the paper's CIFAR-10 N10
+settings, with the GPU's utilisation sampled by nvidia-smi during each run:
+
+    python benchmarks/paper_cost.py --device cuda --suite paper --settings cifar10-N10-C100 \
+        --methods standalone pfedlora --precision fp32 bf16 --batch-clients off on
+    python benchmarks/paper_cost.py --device cuda --suite quick --precision fp32 bf16 --batch-clients off on
+
+`hours_in_suite` is the measured s/round x the rounds of every run of that (setting, method) in
+the suite (seeds and ablation values): the projected device-hours of that part of the suite.
 """
 from __future__ import annotations
 
@@ -40,12 +52,56 @@ def stand_in_cifar10(root: Path) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
 
 
+def stand_in_fmnist(root: Path) -> None:
+    """Fashion-MNIST's four IDX files where torchvision looks for them, random images, the real
+    sizes (60,000 + 10,000 of 28x28, balanced labels)."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60_000), ("t10k", 10_000)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (percent) sampled by nvidia-smi every 100 ms while the block runs;
+    None without nvidia-smi (CPU runs, or a GPU without it)."""
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        self.samples: list[float] = []
+        exe = shutil.which("nvidia-smi")
+        self.proc = None if exe is None else subprocess.Popen(
+            [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            self.samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]  # "[N/A]" skipped
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.mean(self.samples), 1) if self.samples else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", default="paper", choices=["paper", "quick"])
     ap.add_argument("--methods", nargs="+", default=["standalone", "pfedlora"])
-    ap.add_argument("--settings", nargs="+", default=["cifar10-N10-C100", "cifar10-N50-C20", "cifar10-N100-C10"])
+    ap.add_argument("--settings", nargs="+", default=None,
+                    help="default: the paper suite's CIFAR-10 settings, or every setting of quick")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per measurement (>= 2)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--batch-clients", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument("--data-root", default=os.environ.get("MHPFL_DATA"))
     ap.add_argument("--out", default="paper_cost.json")
     a = ap.parse_args()
@@ -55,38 +111,55 @@ def main() -> None:
     from mhpfl.engine import run
 
     tmp = tempfile.TemporaryDirectory()
-    root, data = a.data_root, "CIFAR-10"
-    if root is None or not dataset_present("cifar10", root):
-        import torchvision.datasets.cifar as cifar
+    root = a.data_root
+    name = {"paper": "cifar10", "quick": "fmnist"}[a.suite]
+    data = {"cifar10": "CIFAR-10", "fmnist": "Fashion-MNIST"}[name]
+    if not dataset_present(name, root):
+        root, data = tmp.name, f"{data}-shaped random stand-in (real data absent)"
+        if name == "cifar10":
+            import torchvision.datasets.cifar as cifar
 
-        root, data = tmp.name, "CIFAR-10-shaped random stand-in (real archive absent)"
-        stand_in_cifar10(Path(root))
-        cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # the stand-in has no MD5
-    suite = load_suite("paper", overrides={"data_root": root, "download": False, "device": a.device})
+            stand_in_cifar10(Path(root))
+            cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # the stand-in has no MD5
+        else:
+            stand_in_fmnist(Path(root))
+    suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
+    settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
+                              if a.suite == "paper" else [s.name for s in suite.settings])
     rows = []
     for e in suite.entries:
-        if e.group != "main" or e.seed != suite.entries[0].seed or e.setting not in a.settings \
+        if e.group != "main" or e.seed != suite.entries[0].seed or e.setting not in settings \
                 or e.method not in a.methods:
             continue
         k = max(1, round(e.cfg.frac * e.cfg.clients))  # participants per round; each client once at least
         rounds = max(a.rounds, -(-e.cfg.clients // k))
-        cfg = dataclasses.replace(e.cfg, rounds=rounds, eval_every=1)
-        with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
-            s = run(cfg, out=out, progress=False)
-            wall = time.perf_counter() - t0
-            rows_csv = pd.read_csv(Path(out) / "rounds.csv")
-        per_round = statistics.median(rows_csv[rows_csv["round"] >= 2]["wall_seconds"])
-        rows.append({"setting": e.setting, "method": e.method, "s_per_round": round(per_round, 2),
-                     "hours_per_run": round(per_round * e.cfg.rounds / 3600, 2), "rounds_in_run": e.cfg.rounds,
-                     "measured_rounds": rounds, "wall_s": round(wall, 1),
-                     "train_flops_per_round": s["train_flops"] / rounds})
-        print(rows[-1], flush=True)
-    report = {"device": a.device, "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
-              "data": data, "rows": rows}
+        in_suite = [x for x in suite.entries if x.setting == e.setting and x.method == e.method]
+        for precision in a.precision:
+            for batching in a.batch_clients:
+                cfg = dataclasses.replace(e.cfg, rounds=rounds, eval_every=1, precision=precision,
+                                          batch_clients=batching == "on")
+                with tempfile.TemporaryDirectory() as out, GpuUtilisation() as gpu:
+                    t0 = time.perf_counter()
+                    s = run(cfg, out=out, progress=False)
+                    wall = time.perf_counter() - t0
+                    rows_csv = pd.read_csv(Path(out) / "rounds.csv")
+                per_round = statistics.median(rows_csv[rows_csv["round"] >= 2]["wall_seconds"])
+                rows.append({"setting": e.setting, "method": e.method, "precision": precision,
+                             "batch_clients": batching, "s_per_round": round(per_round, 2),
+                             "gpu_util_pct": gpu.mean,
+                             "hours_per_run": round(per_round * e.cfg.rounds / 3600, 2),
+                             "rounds_in_run": e.cfg.rounds, "runs_in_suite": len(in_suite),
+                             "hours_in_suite": round(per_round * sum(x.cfg.rounds for x in in_suite) / 3600, 2),
+                             "measured_rounds": rounds, "wall_s": round(wall, 1),
+                             "train_flops_per_round": s["train_flops"] / rounds})
+                print(rows[-1], flush=True)
+    gpu_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
+    report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
+              "cpu": platform.processor(), "data": data, "suite": a.suite, "rows": rows}
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(pd.DataFrame(rows).to_markdown(index=False))
-    print(f"data: {data}; device {a.device}; {torch.get_num_threads()} torch thread(s); written {a.out}")
+    print(f"data: {data}; device {a.device}{f' ({gpu_name})' if gpu_name else ''}; "
+          f"{torch.get_num_threads()} torch thread(s); written {a.out}")
 
 
 if __name__ == "__main__":
