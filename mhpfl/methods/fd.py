@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from mhpfl.methods.base import Method, Option
+from mhpfl.methods.prototypes import ClassMeans
 
 
 def distill_loss(logits: torch.Tensor, y: torch.Tensor, table: torch.Tensor, has: torch.Tensor,
@@ -79,21 +80,19 @@ class FD(Method):
             labels = message["labels"].to(dev)
             table[labels] = message["logits"].to(dev)
             has[labels] = True
-        sums = torch.zeros(c, c, device=dev)
-        counts = torch.zeros(c, device=dev)
+        seen = ClassMeans(c, c, dev)  # per-label mean of its own logits, over its training passes
 
         def loss(x, y):
             logits = model(x)
-            sums.index_add_(0, y, logits.detach().float())  # float(): bf16 under --precision bf16
-            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+            seen.add(logits, y)
             out = F.cross_entropy(logits, y)
             if self.gamma:
                 out = out + self.gamma * distill_loss(logits, y, table, has, self.temperature)
             return out
 
         client.fit(model.parameters(), loss)
-        held = torch.nonzero(counts > 0).flatten()
-        return {"logits": (sums[held] / counts[held, None]).float(), "labels": held.to(torch.int64)}
+        means, held = seen.result()
+        return {"logits": means, "labels": held}
 
     # ---- server: latest per-label logits of every client; per-client targets ------------
     def init_server(self, server):

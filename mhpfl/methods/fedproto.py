@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mhpfl.methods.base import Method, Option
-from mhpfl.methods.prototypes import class_means
+from mhpfl.methods.prototypes import ClassMeans, class_means
 from mhpfl.models import REP_DIM
 
 
@@ -97,14 +97,12 @@ class FedProto(Method):
             client.state["protos"][labels] = message["protos"].to(dev)
             client.state["has"][labels] = True
         protos, has = client.state["protos"], client.state["has"]
-        sums = torch.zeros(c, REP_DIM, device=dev)
-        counts = torch.zeros(c, device=dev)
+        seen = ClassMeans(c, REP_DIM, dev)
 
         def loss(x, y):  # (2)
             logits, rep = model(x, return_rep=True)
             if self.proto_from == "training":
-                sums.index_add_(0, y, rep.detach().float())  # float(): bf16 under --precision bf16
-                counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+                seen.add(rep, y)
             return F.cross_entropy(logits, y) + self.ld * proto_loss(rep, y, protos, has)
 
         client.fit(model.parameters(), loss)
@@ -112,8 +110,7 @@ class FedProto(Method):
             train = client.data.train
             means, held = class_means(client.infer(lambda x: model(x, return_rep=True)[1], train), train.y, c)
         else:
-            held = torch.nonzero(counts > 0).flatten()
-            means, held = (sums[held] / counts[held, None]).float(), held.to(torch.int64)
+            means, held = seen.result()
         up = {"protos": means, "labels": held}
         if self.weighting == "count":
             # samples per class of the local data (the training passes see each E times)
