@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 from mhpfl.methods.base import Method, Option
-from mhpfl.methods.prototypes import ClassMeans
 
 
 def distill_loss(logits: torch.Tensor, y: torch.Tensor, table: torch.Tensor, has: torch.Tensor,
@@ -80,19 +79,21 @@ class FD(Method):
             labels = message["labels"].to(dev)
             table[labels] = message["logits"].to(dev)
             has[labels] = True
-        seen = ClassMeans(c, c, dev)  # per-label mean of its own logits, over its training passes
+        sums = torch.zeros(c, c, device=dev)  # plain tensors in the loss's closure: --batch-clients stacks them
+        counts = torch.zeros(c, device=dev)
 
         def loss(x, y):
             logits = model(x)
-            seen.add(logits, y)
+            sums.index_add_(0, y, logits.detach().float())  # float(): bf16 under --precision bf16
+            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
             out = F.cross_entropy(logits, y)
             if self.gamma:
                 out = out + self.gamma * distill_loss(logits, y, table, has, self.temperature)
             return out
 
         client.fit(model.parameters(), loss)
-        means, held = seen.result()
-        return {"logits": means, "labels": held}
+        held = torch.nonzero(counts > 0).flatten()
+        return {"logits": (sums[held] / counts[held, None]).float(), "labels": held.to(torch.int64)}
 
     # ---- server: latest per-label logits of every client; per-client targets ------------
     def init_server(self, server):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mhpfl.methods.base import Method, Option
-from mhpfl.methods.prototypes import ClassMeans, class_means
+from mhpfl.methods.prototypes import class_means
 from mhpfl.models import REP_DIM
 
 
@@ -97,12 +97,14 @@ class FedProto(Method):
             client.state["protos"][labels] = message["protos"].to(dev)
             client.state["has"][labels] = True
         protos, has = client.state["protos"], client.state["has"]
-        seen = ClassMeans(c, REP_DIM, dev)
+        sums = torch.zeros(c, REP_DIM, device=dev)  # plain tensors in the closure: --batch-clients stacks them
+        counts = torch.zeros(c, device=dev)
 
         def loss(x, y):  # (2)
             logits, rep = model(x, return_rep=True)
             if self.proto_from == "training":
-                seen.add(rep, y)
+                sums.index_add_(0, y, rep.detach().float())  # float(): bf16 under --precision bf16
+                counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
             return F.cross_entropy(logits, y) + self.ld * proto_loss(rep, y, protos, has)
 
         client.fit(model.parameters(), loss)
@@ -110,7 +112,8 @@ class FedProto(Method):
             train = client.data.train
             means, held = class_means(client.infer(lambda x: model(x, return_rep=True)[1], train), train.y, c)
         else:
-            means, held = seen.result()
+            held = torch.nonzero(counts > 0).flatten()
+            means, held = (sums[held] / counts[held, None]).float(), held.to(torch.int64)
         up = {"protos": means, "labels": held}
         if self.weighting == "count":
             # samples per class of the local data (the training passes see each E times)
