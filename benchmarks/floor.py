@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mhpfl.engine.meter import FlopMeter
+from mhpfl.lean import clip_grad_norm
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Floor:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.grad_clip:
-                    nn.utils.clip_grad_norm_(p.trainable, self.grad_clip)
+                    clip_grad_norm(p.trainable, self.grad_clip)
                 opt.step()
             else:
                 p.module.eval()

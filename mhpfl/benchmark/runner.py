@@ -216,6 +216,21 @@ def plan_workers(cores: int, todo: int, jobs: int | None, threads: int | None) -
     return jobs, cap if threads is None else min(threads, cap)
 
 
+def round_work(cfg) -> int:
+    """A round's work, in integer millionths of the training data (float increments summed over
+    a suite overshoot a progress bar's total): the share of the data that participates in the
+    round times its local epochs."""
+    share = max(1, round(cfg.frac * cfg.clients)) / cfg.clients * cfg.train_fraction
+    return max(1, round(1e6 * share * cfg.local_epochs))
+
+
+def longest_first(todo: list[Entry]) -> list[Entry]:
+    """Runs in the order they start: the most work (rounds x round_work) first, suite order among
+    equals. Jobs that start long and end short leave less idle time at the end of a suite
+    than the suite's own order (a long run started last keeps one worker busy alone)."""
+    return sorted(todo, key=lambda e: -e.cfg.rounds * round_work(e.cfg))
+
+
 def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int | None = 1,
               threads: int | None = None, progress: bool = True,
               log: Callable[[str], None] = print, executor: str = "local",
@@ -246,7 +261,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
             bad = damaged(out, e)
             if bad is not None:
                 log(f"  {e.run_id}: damaged result {bad.path} ({bad.why}); running it again")
-        todo = [e for e in runs.values() if force or not finished(out, e)]
+        todo = longest_first([e for e in runs.values() if force or not finished(out, e)])
         if executor == "local":
             from mhpfl.methods import _REGISTERED
 
@@ -369,10 +384,7 @@ class _Progress:
     def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None]):
         self.todo, self.log, self.n = todo, log, len(todo)
         self.t0 = time.perf_counter()
-        # work of one round ~ the share of the training data that participates in it, in integer
-        # millionths: float increments summed over a suite overshoot the bar's total
-        self.unit = [max(1, round(1e6 * max(1, round(e.cfg.frac * e.cfg.clients)) / e.cfg.clients
-                                  * e.cfg.train_fraction)) for e in todo]
+        self.unit = [round_work(e.cfg) for e in todo]
         self.seen = [0] * self.n
         self.active: dict[int, int] = {}
         self.finished = 0
@@ -385,7 +397,7 @@ class _Progress:
                             desc=f"runs 0/{self.n}", dynamic_ncols=True)
 
     def eta(self) -> float | None:
-        """Seconds left: elapsed time x work left / work done (work: rounds x participating data)."""
+        """Seconds left: elapsed time x work left / work done (work: `round_work` x rounds)."""
         done = sum(u * s for u, s in zip(self.unit, self.seen))
         left = sum(u * e.cfg.rounds for u, e in zip(self.unit, self.todo)) - done
         if done <= 0 or self.finished >= self.n:

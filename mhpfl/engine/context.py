@@ -21,7 +21,7 @@ from mhpfl.config import RunConfig
 from mhpfl.datasets import INFER_BATCH, ClientData, DatasetInfo, Split
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.errors import NonFiniteLoss, UserError
-from mhpfl.lean import SGD
+from mhpfl.lean import SGD, clip_grad_norm
 from mhpfl.messages import Message, Upload
 from mhpfl.models import build_model
 from mhpfl.seeding import np_rng, seed_torch, torch_gen
@@ -224,7 +224,7 @@ class FitRun:
     def update(self) -> None:
         """Clip this client's gradients (its own norm) and take its optimizer's step."""
         if self.client.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.params, self.client.cfg.grad_clip)
+            clip_grad_norm(self.params, self.client.cfg.grad_clip)
         self.opt.step()
 
     def mean_loss(self) -> float:

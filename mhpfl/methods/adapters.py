@@ -26,13 +26,14 @@ class ParallelAdapter(nn.Module):
     def __init__(self, in_shape, num_classes: int, rank: int):
         super().__init__()
         in_ch, h, w = in_shape
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        # pool, then ReLU: the same values as ReLU then pool (models/__init__.py)
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, 16, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Flatten())
         self.lora_A = nn.Linear(parallel_flat(in_shape), rank, bias=False)
         self.lora_B = nn.Linear(rank, num_classes, bias=False)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(torch.relu(self.lora_A(self.stem(x))))
+        return self.lora_B(torch.relu_(self.lora_A(self.stem(x))))
 
 
 def parallel_flat(in_shape) -> int:
