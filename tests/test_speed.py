@@ -1,5 +1,6 @@
 """The speed work's logic, on CPU: per-epoch non-finite check, bf16 autocast, the evaluation
-helper, channels-last models, the dataset cache, deterministic mode without torch._inductor."""
+helper, channels-last models, the dataset cache, deterministic mode without torch._inductor,
+and the bit-for-bit shortcuts (pooling before an in-place ReLU, clipping, SGD's weight decay)."""
 from __future__ import annotations
 
 import os

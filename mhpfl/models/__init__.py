@@ -1,11 +1,13 @@
 """The authors' CNN model zoo (CNN-1..CNN-5) used across their MHPFL papers.
 
 Every variant is conv(5x5)->ReLU->pool -> conv(5x5)->ReLU->pool -> fc1 -> ReLU -> fc2 -> ReLU
-(500-d representation) -> fc3 (500 -> C). The forward pass pools before the ReLU, in place:
-max-pooling and ReLU commute exactly (ReLU is monotone), in values and in gradients, and the
-ReLU then touches a quarter of the elements and allocates nothing (CNN-5's training step 8%
-faster, CNN-1's evaluation about 10%; seeded runs are bit for bit the same). Variants differ in conv2 width and fc1 size. Module
+(500-d representation) -> fc3 (500 -> C). Variants differ in conv2 width and fc1 size. Module
 names (conv1, conv2, fc1, fc2, fc3) are stable: methods address layers by these names.
+
+The forward pass pools before the ReLU, in place: max-pooling and ReLU commute exactly (ReLU is
+monotone), in values and in gradients, and the ReLU then touches a quarter of the elements and
+allocates nothing (CNN-5's training step 8% faster, CNN-1's evaluation about 10%); without
+gradients it pools by elementwise maxima (`max_pool2`). Seeded runs are bit for bit the same.
 
 Models are built in channels-last memory format (conv kernels NHWC): on CPU (oneDNN) the
 convolutions and max-pooling run about 1.5-2x faster than in NCHW, on GPU cuDNN prefers it too.
