@@ -213,6 +213,45 @@ def test_clip_grad_norm_is_torch_bit_for_bit_and_skips_only_a_factor_of_one():
         assert changed == (max_norm == 0.5 or poison)
 
 
+def test_total_flop_counter_counts_what_flop_counter_mode_counts_without_module_hooks(monkeypatch):
+    """lean.total_flop_counter, which the FLOP meter runs every step of a new key under: the same
+    total as torch's FlopCounterMode, with gradients flowing through frozen and trainable layers,
+    softmax and KL terms (FML, FedKD), MSE (FedProto) and a matmul; the same gradients; no
+    module hooks while it counts; torch's own mode when its internals are not as expected."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mhpfl import lean
+
+    torch.manual_seed(0)
+    a, b = build_model("cnn5", (1, 28, 28), 10), build_model("cnn2", (1, 28, 28), 10)
+    a.fc1.requires_grad_(False)
+    x, y, w = torch.randn(9, 1, 28, 28), torch.randint(0, 10, (9,)), torch.randn(500, 7, requires_grad=True)
+
+    def step(hooked: list) -> tuple[list, list]:
+        hooked.append(len(torch.nn.modules.module._global_forward_pre_hooks))
+        (la, ra), lb = a(x, return_rep=True), b(x)
+        loss = (F.cross_entropy(la, y) + F.mse_loss(ra, torch.zeros_like(ra)) + (ra @ w).square().mean()
+                + F.kl_div(F.log_softmax(la, 1), F.softmax(lb, 1), reduction="batchmean"))
+        for p in (*a.parameters(), *b.parameters(), w):
+            p.grad = None
+        loss.backward()
+        return [loss.detach()], [p.grad for p in (*a.parameters(), *b.parameters(), w) if p.grad is not None]
+
+    counts, grads, hooked = [], [], []
+    for counter in (FlopCounterMode(display=False), lean.total_flop_counter()):
+        with counter:
+            grads.append(step(hooked))
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+    assert all(torch.equal(g, h) for g, h in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1]))
+    assert hooked[0] > 0 and hooked[1] == 0  # torch's tracks modules through global hooks; ours not
+    assert lean._runs_as_is(torch.ops.aten.mm.default)
+    assert not lean._runs_as_is(torch.ops.aten.linear.default)  # has a decomposition: torch's path
+    assert not lean._runs_as_is(torch.ops.aten.size.default)  # a metadata query: torch's path
+    monkeypatch.setattr(lean, "_TOTAL_COUNTER", False)
+    assert type(lean.total_flop_counter()) is FlopCounterMode
+
+
 @needs_fmnist
 def test_runs_are_deterministic_without_importing_inductor(data_root):
     """Deterministic mode is on (warn-only, as before) but start-up no longer pays for
@@ -281,10 +320,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 def test_lean_sgd_is_torch_sgd_bit_for_bit():
-    """lean.SGD (no dynamo import; weight decay added to the gradient in place) and
-    torch.optim.SGD, three steps each with momentum and weight decay: the same parameters bit for
-    bit. In a fresh process, lean's steps first: once torch's own optimizer has imported
-    torch._dynamo, lean.SGD falls back to torch's step and would compare torch with itself."""
+    """lean.SGD (no dynamo import; weight decay added to the gradient in place; the first
+    step's gradient kept as the momentum buffer) and torch.optim.SGD, three steps each with
+    momentum and weight decay, one layer without a gradient at the first step: the same
+    parameters and momentum buffers bit for bit. In a fresh process, lean's steps first: once
+    torch's own optimizer has imported torch._dynamo, lean.SGD falls back to torch's step and
+    would compare torch with itself."""
     code = """
 import sys, torch
 import torch.nn.functional as F
@@ -296,18 +337,24 @@ a, b = build_model("cnn3", (1, 28, 28), 10), build_model("cnn3", (1, 28, 28), 10
 b.load_state_dict(a.state_dict())
 x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
 def train(m, opt):
-    for _ in range(3):
+    for i in range(3):
         opt.zero_grad(set_to_none=True)
+        m.fc1.requires_grad_(i > 0)  # a parameter without a gradient at the first step
         F.cross_entropy(m(x), y).backward()
+        grads = {p: p.grad for p in m.parameters() if p.grad is not None}
         opt.step()
-train(a, SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+        if i == 0 and isinstance(opt, SGD):  # the first step's gradients became the buffers
+            assert all(opt.state[p]["momentum_buffer"] is g and p.grad is None for p, g in grads.items())
+    return [opt.state[p]["momentum_buffer"] for p in m.parameters()]
+bufs_a = train(a, SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
 assert "torch._dynamo" not in sys.modules, "lean.SGD fell back to torch's step"
-train(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
-print(all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters())))
+bufs_b = train(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+print(all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters())),
+      all(torch.equal(u, v) for u, v in zip(bufs_a, bufs_b)))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.split() == ["True"]
+    assert p.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.parametrize("cores,todo,jobs,threads,expected", [

@@ -6,7 +6,8 @@ FLOPs, with one convention throughout: a multiply-add is 1 FLOP (fvcore's; torch
 FlopCounterMode counts 2, so its counts are halved here).
 - Training (`FlopMeter.step`, used by `Client.fit` for every SGD step): the first step of each
   (loss function, trainable parameters, batch shape) runs under torch.utils.flop_counter's
-  FlopCounterMode, which sees the forward ops and the backward ops autograd really executes (a
+  FlopCounterMode (`mhpfl.lean.total_flop_counter`: its total only, without the per-module
+  breakdown), which sees the forward ops and the backward ops autograd really executes (a
   frozen layer's weight gradient is not computed, so it costs nothing; the first layer's input
   gradient neither); later steps with the same key are charged the same count.
 - Inference (`FlopMeter.count`, used by `Client.infer`): fvcore's forward FLOPs of each tracked
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mhpfl.lean import flop_counter
+from mhpfl.lean import total_flop_counter
 from mhpfl.messages import message_bytes  # noqa: F401  (re-exported)
 
 
@@ -104,7 +105,7 @@ class FlopMeter:
             if key in self.step_flops:
                 yield
             else:
-                with flop_counter().FlopCounterMode(display=False) as fc:
+                with total_flop_counter() as fc:
                     yield
                 self.step_flops[key] = fc.get_total_flops() // 2
             self.total += self.step_flops[key]
