@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mhpfl.engine.meter import FlopMeter
-from mhpfl.lean import clip_grad_norm
+from mhpfl.lean import SGD, clip_grad_norm
 
 
 @dataclass
@@ -106,7 +106,9 @@ class Floor:
         for p in passes:
             key = tuple(id(q) for q in p.trainable)
             if p.train and key and key not in self.opts:
-                self.opts[key] = torch.optim.SGD(p.trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                # the engine's optimizer (torch's update, bit for bit): torch.optim.SGD's step would
+                # import torch._dynamo, after which lean.SGD falls back to it in the timed rounds too
+                self.opts[key] = SGD(p.trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
     @property
     def flops(self) -> int:

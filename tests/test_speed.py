@@ -283,6 +283,31 @@ print(json.dumps(s, sort_keys=True))
     assert "triton" not in procs[0].stderr
 
 
+@needs_fmnist
+def test_server_training_and_zoo_checks_do_not_import_dynamo(data_root):
+    """FedGH's and FedTGP's zoo check (a forward pass for the representation size) and their
+    server-side training leave torch._dynamo unloaded: on the meta device, or with
+    torch.optim.SGD, they imported it, and then lean.SGD fell back to torch's step for the rest
+    of the process (a bench worker runs many runs)."""
+    code = f"""
+import sys
+from mhpfl.config import RunConfig
+from mhpfl.engine import run
+from mhpfl.methods.zoo import rep_dims
+assert rep_dims("hetero", 5, (1, 28, 28), 10) == dict.fromkeys(["cnn1", "cnn2", "cnn3", "cnn4", "cnn5"], 500)
+for m in ("fedgh", "fedtgp"):
+    run(RunConfig(method=m, clients=5, rounds=2, train_fraction=0.02, batch_size=32, data_root={data_root!r},
+                  download=False), progress=False)
+print("torch._dynamo" in sys.modules)
+"""
+    from mhpfl.datasets import load_dataset
+
+    load_dataset("fmnist", data_root, False)  # the decoded-dataset cache is warm (torchvision not needed)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["False"]
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_kept_so_repeated_batches_do_not_fault_pages_in_again():
     """A training step and an evaluation batch (256 samples each) repeated 10 times: tens of

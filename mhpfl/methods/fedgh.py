@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhpfl.lean import SGD
 from mhpfl.methods.base import Method, Option
 from mhpfl.methods.prototypes import class_means
 from mhpfl.methods.zoo import require_common_rep
@@ -94,7 +95,7 @@ class FedGH(Method):
 
 def train_header(header: nn.Module, protos, labels, *, epochs, batch, lr, momentum, weight_decay, clip):
     """SGD on CE(header(prototype), label) over the pairs in order (server-side compute)."""
-    opt = torch.optim.SGD(header.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = SGD(header.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     header.train()
     with torch.enable_grad():
         for _ in range(epochs):

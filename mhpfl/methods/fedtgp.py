@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhpfl.lean import SGD
 from mhpfl.methods.base import Option
 from mhpfl.methods.fedproto import FedProto
 from mhpfl.methods.prototypes import class_means
@@ -115,7 +116,7 @@ class FedTGP(FedProto):
         labels = torch.cat([u.message["labels"].to(dev) for u in uploads])
         margin = adaptive_margin(protos, labels, c, self.tau)
         classes = torch.arange(c, device=dev)
-        opt = torch.optim.SGD(gen.parameters(), lr=cfg.lr)
+        opt = SGD(gen.parameters(), lr=cfg.lr)
         g = torch_gen(cfg.seed, "server", server.round, "fedtgp-batches")
         gen.train()
         with torch.enable_grad():
