@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from mhpfl.errors import UserError
+from mhpfl.errors import Interrupted, UserError
 
 RUN_FLAGS = [
     # flag, RunConfig field, type, help
@@ -311,17 +313,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
             return 2
         return 0
+    previous = _stop_on_sigterm()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; finished results are kept on disk", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = getattr(e, "message", "") or "finished results are kept on disk"
+        print(f"error: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # output piped into a reader that stopped (mhpfl list | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (kill, timeout, a batch scheduler) stops a command the way Ctrl-C does: the work in
+    flight is stopped (a bench stops its worker processes too), finished results stay, one line
+    says so. Returns the handler it replaced (None off the main thread, where none can be set)."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

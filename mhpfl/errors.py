@@ -1,4 +1,5 @@
 """Errors a user can fix. The CLI prints them as one line, never as a traceback."""
+import signal
 
 
 class UserError(Exception):
@@ -14,3 +15,13 @@ class NonFiniteLoss(UserError):
             "lower --lr or check the method's options, then rerun"
         )
         self.method, self.client, self.round = method, client, round_
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: the work in flight stops. A KeyboardInterrupt, so that no
+    `except Exception` (a run's failure handling) swallows it; the CLI prints its message as one
+    line and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message

@@ -101,6 +101,109 @@ def test_bench_caches_resumes_and_reports(tmp_path, data_root, capsys):
         unregister("crash")
 
 
+class Stopper(Probe):
+    """Ctrl-C / SIGTERM arriving in the middle of its run (mhpfl.cli turns SIGTERM into this)."""
+
+    def client_update(self, client, message, phase):
+        import signal
+
+        from mhpfl.errors import Interrupted
+
+        raise Interrupted(signal.SIGTERM)
+
+
+@needs_fmnist
+def test_interrupted_bench_keeps_finished_runs_and_records_its_session(tmp_path, data_root):
+    import signal
+
+    from mhpfl.errors import Interrupted
+
+    register(Stopper, "stopper")
+    try:
+        suite = load_suite(str(write_suite(tmp_path, data_root, methods=("standalone", "stopper"))))
+        out = tmp_path / "out"
+        with pytest.raises(Interrupted) as err:
+            run_suite(suite, out, jobs=1, progress=False)
+    finally:
+        unregister("stopper")
+    assert err.value.signum == signal.SIGTERM
+    assert "1 of the suite's 2 runs are finished" in err.value.message
+    assert [p.name.split("-")[0] for p in (out / "runs").iterdir()] == ["standalone"]
+    assert not list((out / ".inflight").glob("*")) and not (out / "failed").exists()
+    session, = json.loads((out / "bench.json").read_text())["sessions"]
+    assert (session["runs_trained"], session["interrupted"]) == (1, "SIGTERM")
+    assert session["machine"]["cores"] >= 1
+    write_report(out)
+    assert "1 run(s) trained, 0 cached, --jobs 1, stopped by SIGTERM" in (out / "README.md").read_text()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    kids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(d))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@needs_fmnist
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_sigterm_stops_the_bench_and_its_workers_and_keeps_finished_runs(tmp_path, data_root):
+    """`timeout`/`kill` send SIGTERM to the bench process alone: it must stop its worker processes
+    (not leave them training), keep the finished runs, and say so in one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    done = run_suite(load_suite(str(write_suite(tmp_path, data_root, name="one"))), out, progress=False)
+    assert done.trained == 1
+    finished_before = {p.name: (p / "summary.json").read_bytes() for p in (out / "runs").iterdir()}
+    # the same run (cached) and three long ones: two in flight when the signal comes, one queued
+    long_ = write_suite(tmp_path, data_root, name="long", extra="".join(
+        f'[[settings]]\nname = "{n}"\nrounds = {r}\n' for n, r in (("B", 5000), ("C", 4000), ("D", 3000))))
+    p = subprocess.Popen([sys.executable, "-m", "mhpfl.cli", "bench", str(long_), "--out", str(out),
+                          "--jobs", "2", "--threads", "1", "--quiet", "--no-report"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / ".inflight").glob("*"))) < 2 and time.monotonic() < deadline:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        assert len(list((out / ".inflight").glob("*"))) == 2, "both long runs should be in flight"
+        workers = _children(p.pid)
+        assert len(workers) >= 2
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("error: interrupted by SIGTERM; 1 of the suite's 4 runs are finished"), lines
+    assert "rerun the same command to train the other 3" in lines[0]
+    deadline = time.monotonic() + 30
+    while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [w for w in workers if _running(w)], "worker processes still running after the bench stopped"
+    assert {p.name: (p / "summary.json").read_bytes() for p in (out / "runs").iterdir()} == finished_before
+    assert not list((out / ".inflight").glob("*"))
+
+
 def test_report_on_empty_or_foreign_folder_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -683,7 +683,8 @@ def readme(res: Results, files: list[str]) -> str:
     total = float(uniq["wall_seconds"].sum())
     for s in sessions:
         lines.append(f"- bench session started {s['started']}: {s['wall_seconds'] / 60:.1f} min wall time, "
-                     f"{s['runs_trained']} run(s) trained, {s['runs_cached']} cached, --jobs {s['jobs']}")
+                     f"{s['runs_trained']} run(s) trained, {s['runs_cached']} cached, --jobs {s['jobs']}"
+                     + (f", stopped by {s['interrupted']}" if s.get("interrupted") else ""))
     lines.append(f"- sum of the runs' own wall times: {total / 60:.1f} min")
     lines += ["", "## Files", ""]
     desc = {"accuracy": "main table: validation-selected mean personalized test accuracy per method and setting, "

@@ -21,6 +21,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from mhpfl.benchmark.suite import Entry, Suite
 
 if TYPE_CHECKING:
     from mhpfl.benchmark.ray_executor import RayOptions
-from mhpfl.errors import UserError
+from mhpfl.errors import Interrupted, UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
 from mhpfl.results import DamagedResult, load_summary
 
@@ -295,6 +296,19 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
                                              {e.method for e in todo}, bar, bar.write)
             else:
                 results = _execute_all(jobs_spec, jobs, bar)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (mhpfl.cli): the finished runs stay
+            for j in jobs_spec:
+                shutil.rmtree(j["tmp"], ignore_errors=True)
+            signum = getattr(e, "signum", signal.SIGINT)
+            res.trained, res.wall_seconds = bar.ok, round(time.perf_counter() - t0, 1)
+            if res.trained:  # the runs it finished are in the folder: so is the machine they ran on
+                _record_session(out, suite, started, res, jobs, todo[0].cfg.device,
+                                {"executor": executor, "interrupted": signal.Signals(signum).name})
+            done = sum(finished(out, x) for x in runs.values())
+            raise Interrupted(signum,
+                              f"{done} of the suite's {len(runs)} runs are finished in {out / 'runs'} "
+                              f"(the runs in flight were stopped); rerun the same command to train the "
+                              f"other {len(runs) - done}") from None
         finally:
             bar.close()
         for r in results:
@@ -365,11 +379,25 @@ def _execute_all(jobs_spec: list[dict], jobs: int, bar: "_Progress") -> list[dic
                     bar.done(r)
                     results.append(r)
             return sorted(results, key=lambda r: r["index"])
-        except BaseException:
-            ex.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # Ctrl-C, SIGTERM: stop the runs in flight too, not only the queue
+            _stop_workers(ex)
+            ex.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             ex.shutdown(wait=True)
+
+
+def _stop_workers(ex) -> None:
+    """Terminate a ProcessPoolExecutor's workers (a signal sent to this process alone, such as
+    `timeout`'s SIGTERM, never reaches them; shutdown would wait for their runs to end). Before
+    shutdown, which forgets them."""
+    stop = getattr(ex, "terminate_workers", None)  # Python >= 3.14
+    if stop is not None:
+        stop()
+        return
+    for p in list((getattr(ex, "_processes", None) or {}).values()):
+        if p.is_alive():
+            p.terminate()
 
 
 def _clock(seconds: float) -> str:
@@ -387,7 +415,7 @@ class _Progress:
         self.unit = [round_work(e.cfg) for e in todo]
         self.seen = [0] * self.n
         self.active: dict[int, int] = {}
-        self.finished = 0
+        self.finished = self.ok = 0
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -434,6 +462,7 @@ class _Progress:
         i = r["index"]
         self.active.pop(i, None)
         self.finished += 1
+        self.ok += bool(r["ok"])
         e = self.todo[i]
         if e.cfg.rounds > self.seen[i]:
             if self.bar is not None:
