@@ -174,3 +174,30 @@ def test_local_executor_does_not_import_ray():
     code = ("import sys; from mhpfl.cli import main; import mhpfl.benchmark.runner, mhpfl.benchmark.cli; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_connect_keeps_the_sigterm_handler_of_the_cli():
+    """ray.init installs a SIGTERM handler that exits silently: where mhpfl.cli's handler was in
+    place (stop the suite, shut Ray down, one line saying which runs are kept), it is put back;
+    without one, Ray's stays (its exit still shuts Ray down)."""
+    import signal
+
+    class FakeRay:  # what ray.init does to the driver's SIGTERM handler (ray/_private/worker.py)
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+    def cli_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, cli_handler)
+    try:
+        assert connect(FakeRay(), RayOptions())
+        assert signal.getsignal(signal.SIGTERM) is cli_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert connect(FakeRay(), RayOptions())
+        assert callable(signal.getsignal(signal.SIGTERM))  # Ray's
+    finally:
+        signal.signal(signal.SIGTERM, before)

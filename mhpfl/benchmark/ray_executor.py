@@ -20,7 +20,9 @@ Ray is imported only here, only when `--executor ray` is asked for. Usage stats 
 """
 from __future__ import annotations
 
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -89,17 +91,25 @@ def connect(ray, opts: RayOptions) -> bool:
     if ray.is_initialized():  # a notebook or a test that connected already
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if opts.address is None:
-            ray.init(**{**kw, "_node_ip_address": "127.0.0.1", **opts.init_kwargs})
-        else:
-            try:
-                ray.init(address=opts.address, **kw)
-            except (ConnectionError, RuntimeError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"cannot join the Ray cluster at --address {opts.address} ({msg}); "
-                                "start one ('ray start --head') or fix the address") from None
+    # ray.init replaces the SIGTERM handler with a silent sys.exit. Where one was installed (mhpfl.cli:
+    # stop the suite, shut Ray down, say which runs are kept), it is put back; else Ray's stays, whose
+    # exit still shuts the instance down.
+    ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if opts.address is None:
+                ray.init(**{**kw, "_node_ip_address": "127.0.0.1", **opts.init_kwargs})
+            else:
+                try:
+                    ray.init(address=opts.address, **kw)
+                except (ConnectionError, RuntimeError) as e:
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise UserError(f"cannot join the Ray cluster at --address {opts.address} ({msg}); "
+                                    "start one ('ray start --head') or fix the address") from None
+    finally:
+        if callable(ours):
+            signal.signal(signal.SIGTERM, ours)
     return True
 
 
