@@ -286,7 +286,7 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
         jobs_spec = [{"index": i, "key": e.key, "config": e.cfg.to_dict(), "threads": threads,
                       "tmp": str(out / ".inflight" / f"{run_dirname(e)}.{pid}"),
                       "final": str(out / "runs" / run_dirname(e))} for i, e in enumerate(todo)]
-        bar = _Progress(todo, enabled=progress, log=log, jobs=jobs)
+        bar = _Progress(todo, enabled=progress, log=log)
         where: dict[str, Any] = {}
         try:
             if executor == "ray":
@@ -406,18 +406,15 @@ def _clock(seconds: float) -> str:
 
 
 class _Progress:
-    """One bar for the whole suite (work-weighted) naming the runs in flight and their round; a
-    line per finished run, with an ETA that learns what each method's work costs."""
+    """One bar for the whole suite (work-weighted, with ETA) naming the runs in flight and their
+    round; a line per finished run."""
 
-    def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None], jobs: int = 1,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.todo, self.log, self.n, self.jobs, self.clock = todo, log, len(todo), max(1, jobs), clock
-        self.t0 = clock()
+    def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None]):
+        self.todo, self.log, self.n = todo, log, len(todo)
+        self.t0 = time.perf_counter()
         self.unit = [round_work(e.cfg) for e in todo]
         self.seen = [0] * self.n
         self.active: dict[int, int] = {}
-        self.began: dict[int, float] = {}  # run -> when it started (in flight)
-        self.spent: dict[int, float] = {}  # run -> its seconds (finished, successfully)
         self.finished = self.ok = 0
         self.bar = None
         if enabled:
@@ -428,31 +425,12 @@ class _Progress:
                             desc=f"runs 0/{self.n}", dynamic_ncols=True)
 
     def eta(self) -> float | None:
-        """Seconds left: the work left of each run (`round_work` x rounds) at the seconds per unit
-        of work measured so far on runs of the same method and setting (else of the same method,
-        else of all runs), over the runs' time in flight and finished, divided among the workers.
-        Methods differ several-fold in cost per round (FedKD trains two models), so a suite's
-        rate is not one number."""
-        now = self.clock()
-        sums: dict[Any, list[float]] = {}
-        for i in [*self.spent, *self.began]:
-            work = self.unit[i] * self.seen[i]
-            if work <= 0:
-                continue
-            secs = self.spent[i] if i in self.spent else now - self.began[i]
-            e = self.todo[i]
-            for k in ((e.method, e.setting), e.method, None):
-                acc = sums.setdefault(k, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + secs, acc[1] + work
-        if None not in sums or self.finished >= self.n:
+        """Seconds left: elapsed time x work left / work done (work: `round_work` x rounds)."""
+        done = sum(u * s for u, s in zip(self.unit, self.seen))
+        left = sum(u * e.cfg.rounds for u, e in zip(self.unit, self.todo)) - done
+        if done <= 0 or self.finished >= self.n:
             return None
-        left = 0.0
-        for i, e in enumerate(self.todo):
-            if i in self.spent or self.seen[i] >= e.cfg.rounds:
-                continue
-            secs, work = next(sums[k] for k in ((e.method, e.setting), e.method, None) if k in sums)
-            left += self.unit[i] * (e.cfg.rounds - self.seen[i]) * secs / work
-        return left / min(self.jobs, self.n - self.finished)
+        return (time.perf_counter() - self.t0) * left / done
 
     def _name(self, i: int) -> str:
         e = self.todo[i]
@@ -463,8 +441,6 @@ class _Progress:
         kind, i = ev[0], ev[1]
         if kind == "start":
             self.active[i] = 0
-            self.began[i] = self.clock()
-            self.jobs = max(self.jobs, len(self.active))  # Ray: as many as the cluster runs at once
         elif kind == "round":
             r = ev[2]
             self.active[i] = r
@@ -485,9 +461,6 @@ class _Progress:
     def done(self, r: dict) -> None:
         i = r["index"]
         self.active.pop(i, None)
-        began = self.began.pop(i, None)
-        if r["ok"] and began is not None:  # a failed run's seconds say nothing of the work's cost
-            self.spent[i] = self.clock() - began
         self.finished += 1
         self.ok += bool(r["ok"])
         e = self.todo[i]
