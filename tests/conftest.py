@@ -106,3 +106,30 @@ def fit_flops(model, n: int, batch: int, epochs: int = 1) -> int:
 def _in_shape(model):
     conv1 = model.conv1
     return (conv1.in_channels, 28, 28) if conv1.in_channels == 1 else (conv1.in_channels, 32, 32)
+
+
+def sigterm_cli(args: list[str], ready, before_signal=None) -> tuple[int, list[str], object]:
+    """Start `mhpfl ARGS`, wait (up to 120 s) until `ready()`, call `before_signal(pid)`, send
+    SIGTERM, and return (exit status, stderr's lines, what before_signal returned). Asserts that
+    stderr holds no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "mhpfl.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() and time.monotonic() < deadline:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        assert ready(), "the command never reached the point to interrupt"
+        seen = before_signal(p.pid) if before_signal else None
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "Traceback" not in stderr, stderr
+    return p.returncode, stderr.strip().splitlines(), seen

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests._bench_util import Probe, squash, write_suite
-from tests.conftest import needs_fmnist
+from tests.conftest import needs_fmnist, sigterm_cli
 from mhpfl.benchmark.report import write_report
 from mhpfl.benchmark.runner import run_suite
 from mhpfl.benchmark.suite import load_suite
@@ -164,8 +164,6 @@ def test_sigterm_stops_the_bench_and_its_workers_and_keeps_finished_runs(tmp_pat
     """`timeout`/`kill` send SIGTERM to the bench process alone: it must stop its worker processes
     (not leave them training), keep the finished runs, and say so in one line."""
     import signal
-    import subprocess
-    import sys
     import time
 
     out = tmp_path / "out"
@@ -175,25 +173,15 @@ def test_sigterm_stops_the_bench_and_its_workers_and_keeps_finished_runs(tmp_pat
     # the same run (cached) and three long ones: two in flight when the signal comes, one queued
     long_ = write_suite(tmp_path, data_root, name="long", extra="".join(
         f'[[settings]]\nname = "{n}"\nrounds = {r}\n' for n, r in (("B", 5000), ("C", 4000), ("D", 3000))))
-    p = subprocess.Popen([sys.executable, "-m", "mhpfl.cli", "bench", str(long_), "--out", str(out),
-                          "--jobs", "2", "--threads", "1", "--quiet", "--no-report"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(list((out / ".inflight").glob("*"))) < 2 and time.monotonic() < deadline:
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.2)
-        assert len(list((out / ".inflight").glob("*"))) == 2, "both long runs should be in flight"
-        workers = _children(p.pid)
-        assert len(workers) >= 2
-        p.send_signal(signal.SIGTERM)
-        stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+
+    def two_in_flight() -> bool:
+        return len(list((out / ".inflight").glob("*"))) == 2
+
+    rc, lines, workers = sigterm_cli(["bench", str(long_), "--out", str(out), "--jobs", "2", "--threads", "1",
+                                      "--quiet", "--no-report"], ready=two_in_flight,
+                                     before_signal=_children)
+    assert len(workers) >= 2  # the two runs' worker processes (and the pool's helpers)
+    assert rc == 128 + signal.SIGTERM and len(lines) == 1, lines
     assert lines[0].startswith("error: interrupted by SIGTERM; 1 of the suite's 4 runs are finished"), lines
     assert "rerun the same command to train the other 3" in lines[0]
     deadline = time.monotonic() + 30

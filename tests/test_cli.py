@@ -135,25 +135,13 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path):
 def test_sigterm_stops_a_run_with_one_line(tmp_path, data_root):
     """kill / timeout during `mhpfl run`: one line, exit 143, and nothing that reads as a result."""
     import signal
-    import time
+
+    from tests.conftest import sigterm_cli
 
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "mhpfl.cli", "run", "standalone", "--clients", "5", "--rounds", "500",
-                          "--train-fraction", "0.05", "--eval-every", "1", "--data-root", data_root,
-                          "--no-download", "--quiet", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "rounds.csv").exists() and time.monotonic() < deadline:
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.2)
-        p.send_signal(signal.SIGTERM)
-        _, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 128 + signal.SIGTERM, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    rc, lines, _ = sigterm_cli(["run", "standalone", "--clients", "5", "--rounds", "500", "--train-fraction",
+                                "0.05", "--eval-every", "1", "--data-root", data_root, "--no-download", "--quiet",
+                                "--out", str(out)], ready=(out / "rounds.csv").exists)
+    assert rc == 128 + signal.SIGTERM and len(lines) == 1, lines
     assert lines[0].startswith("error: interrupted by SIGTERM; the run stopped before its last round")
     assert not (out / "summary.json").exists()
