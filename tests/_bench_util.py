@@ -58,6 +58,17 @@ class Probe(Method):
         return out
 
 
+class Stopper(Probe):
+    """Ctrl-C / SIGTERM arriving in the middle of its run (mhpfl.cli turns SIGTERM into this)."""
+
+    def client_update(self, client, message, phase):
+        import signal
+
+        from mhpfl.errors import Interrupted
+
+        raise Interrupted(signal.SIGTERM)
+
+
 def squash(md: str) -> str:
     """A markdown table with its cell padding collapsed ("| a   |   b |" -> "| a | b |")."""
     return re.sub(r" {2,}", " ", md)

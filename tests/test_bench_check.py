@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests._bench_util import Probe, write_suite
+from tests._bench_util import Probe, Stopper, write_suite
 from tests.conftest import needs_fmnist
 from mhpfl.benchmark.check import run_check
 from mhpfl.benchmark.suite import load_suite
@@ -88,3 +88,18 @@ def test_a_reference_without_a_metric_is_a_failure_not_a_crash():
     old = {"r": {k: v for k, v in now["r"].items() if k != "selected_mean_acc"}}
     df, bad = compare(old, now, {}, default_tol=2.0, tol_per_method={}, bytes_rel={})
     assert bad and "selected_mean_acc" in df["metric"].iloc[0] and "--update" in df["status"].iloc[0]
+
+
+@needs_fmnist
+def test_interrupted_check_says_so_and_leaves_the_reference(tmp_path, data_root):
+    from mhpfl.errors import Interrupted
+
+    ref = tmp_path / "reference.json"
+    register(Stopper, "stopper")
+    try:
+        suite = load_suite(str(write_suite(tmp_path, data_root, methods=("standalone", "stopper"))))
+        with pytest.raises(Interrupted, match="the check stopped before comparing anything"):
+            run_check(suite, ref, update=True, progress=False, log=lambda m: None)
+    finally:
+        unregister("stopper")
+    assert not ref.exists()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests._bench_util import Probe, squash, write_suite
+from tests._bench_util import Probe, Stopper, squash, write_suite
 from tests.conftest import needs_fmnist, sigterm_cli
 from mhpfl.benchmark.report import write_report
 from mhpfl.benchmark.runner import run_suite
@@ -99,17 +99,6 @@ def test_bench_caches_resumes_and_reports(tmp_path, data_root, capsys):
         assert (out / "runs" / next(iter(done)) / "summary.json").stat().st_mtime_ns != done[next(iter(done))]
     finally:
         unregister("crash")
-
-
-class Stopper(Probe):
-    """Ctrl-C / SIGTERM arriving in the middle of its run (mhpfl.cli turns SIGTERM into this)."""
-
-    def client_update(self, client, message, phase):
-        import signal
-
-        from mhpfl.errors import Interrupted
-
-        raise Interrupted(signal.SIGTERM)
 
 
 @needs_fmnist

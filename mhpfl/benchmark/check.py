@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from mhpfl.benchmark.runner import code_fingerprint, machine_info, run_dirname, run_suite
 from mhpfl.benchmark.suite import Suite
-from mhpfl.errors import UserError
+from mhpfl.errors import Interrupted, UserError
 from mhpfl.io import atomic_write_json
 from mhpfl.results import load_summary
 
@@ -153,6 +153,9 @@ def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update
     try:
         res = run_suite(suite, out, force=True, jobs=jobs, threads=threads, progress=progress, log=log)
         now = collect(suite, Path(out))
+    except Interrupted as e:  # the check reruns every run each time: nothing of this one is reused
+        raise Interrupted(e.signum, "the check stopped before comparing anything (the reference is "
+                                    "unchanged); rerun it") from None
     finally:
         if tmp is not None:
             tmp.cleanup()
