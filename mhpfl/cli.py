@@ -208,9 +208,8 @@ def cmd_run(argv: list[str]) -> int:
             summary = run(cfg, out=target, progress=not args.quiet)
         except KeyboardInterrupt as e:
             kept = f"; the finished run in {out} is kept" if replace else ""
-            raise Interrupted(getattr(e, "signum", signal.SIGINT),
-                              f"the run stopped before its last round (not a result: no summary.json){kept}; "
-                              "rerun the command to train it from the start") from None
+            raise Interrupted.of(e, f"the run stopped before its last round (not a result: no summary.json){kept}; "
+                                    "rerun the command to train it from the start") from None
         if replace:  # the old result goes only once the new one is complete
             trash = out.with_name(f".{out.name}.old.{os.getpid()}")
             os.replace(out, trash)

@@ -25,3 +25,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT, message: str = ""):
         super().__init__(message)
         self.signum, self.message = signum, message
+
+    @classmethod
+    def of(cls, e: KeyboardInterrupt, message: str) -> "Interrupted":
+        """The same interruption (its signal; SIGINT for a plain Ctrl-C) told with `message`."""
+        return cls(getattr(e, "signum", signal.SIGINT), message)

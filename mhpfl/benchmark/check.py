@@ -154,8 +154,8 @@ def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update
         res = run_suite(suite, out, force=True, jobs=jobs, threads=threads, progress=progress, log=log)
         now = collect(suite, Path(out))
     except Interrupted as e:  # the check reruns every run each time: nothing of this one is reused
-        raise Interrupted(e.signum, "the check stopped before comparing anything (the reference is "
-                                    "unchanged); rerun it") from None
+        raise Interrupted.of(e, "the check stopped before comparing anything (the reference is "
+                                "unchanged); rerun it") from None
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -299,16 +299,15 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (mhpfl.cli): the finished runs stay
             for j in jobs_spec:
                 shutil.rmtree(j["tmp"], ignore_errors=True)
-            signum = getattr(e, "signum", signal.SIGINT)
+            done = sum(finished(out, x) for x in runs.values())
+            stop = Interrupted.of(e, f"{done} of the suite's {len(runs)} runs are finished in {out / 'runs'} "
+                                     f"(the runs in flight were stopped); rerun the same command to train "
+                                     f"the other {len(runs) - done}")
             res.trained, res.wall_seconds = bar.ok, round(time.perf_counter() - t0, 1)
             if res.trained:  # the runs it finished are in the folder: so is the machine they ran on
                 _record_session(out, suite, started, res, jobs, todo[0].cfg.device,
-                                {"executor": executor, "interrupted": signal.Signals(signum).name})
-            done = sum(finished(out, x) for x in runs.values())
-            raise Interrupted(signum,
-                              f"{done} of the suite's {len(runs)} runs are finished in {out / 'runs'} "
-                              f"(the runs in flight were stopped); rerun the same command to train the "
-                              f"other {len(runs) - done}") from None
+                                {"executor": executor, "interrupted": signal.Signals(stop.signum).name})
+            raise stop from None
         finally:
             bar.close()
         for r in results:
