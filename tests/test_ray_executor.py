@@ -201,3 +201,46 @@ def test_connect_keeps_the_sigterm_handler_of_the_cli():
         assert callable(signal.getsignal(signal.SIGTERM))  # Ray's
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_sigterm_during_ray_init_is_the_clis_interruption():
+    """A SIGTERM that arrives while ray.init runs meets Ray's handler (sys.exit(15), silent): with
+    the CLI's handler in place it becomes the CLI's Interrupted (one line, exit 143, the suite's
+    finished runs counted), the half-started instance is shut down and the CLI's handler is back.
+    Without the CLI's handler, Ray's exit goes through unchanged."""
+    import signal
+    import time
+
+    from mhpfl.errors import Interrupted
+
+    class FakeRay:
+        shutdowns = 0
+
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to Ray's handler at the next bytecode
+            time.sleep(5)
+            raise AssertionError("the SIGTERM was not delivered")
+
+        def shutdown(self):
+            self.shutdowns += 1
+
+    def cli_handler(signum, frame):
+        raise Interrupted(signum)
+
+    before = signal.signal(signal.SIGTERM, cli_handler)
+    try:
+        ray = FakeRay()
+        with pytest.raises(Interrupted) as e:
+            connect(ray, RayOptions())
+        assert e.value.signum == signal.SIGTERM and ray.shutdowns == 1
+        assert signal.getsignal(signal.SIGTERM) is cli_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(SystemExit) as e:
+            connect(FakeRay(), RayOptions())
+        assert e.value.code == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)

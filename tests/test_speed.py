@@ -413,22 +413,68 @@ def test_progress_eta_from_work_done():
 
 
 def test_runs_start_longest_first_and_local_epochs_count_as_work():
-    """The bench starts the runs with the most work first (suite order among equals), so a long
-    run does not start last and keep one worker busy alone; 10 local epochs are 10x the work of
-    one (the ETA weighs them so too)."""
+    """The bench starts the runs with the most work first, so a long run does not start last and
+    keep one worker busy alone; 10 local epochs are 10x the work of one (the ETA weighs them so
+    too). Among runs of equal work the methods take turns (each method's first run, then each
+    one's second: seed 0 of every method before any seed 1), suite order otherwise."""
     from types import SimpleNamespace
 
     from mhpfl.benchmark.runner import longest_first, round_work
 
-    def entry(name, rounds, epochs=1, frac=1.0, clients=10):
+    def entry(name, rounds, epochs=1, frac=1.0, clients=10, method=None):
         cfg = SimpleNamespace(frac=frac, clients=clients, train_fraction=0.1, rounds=rounds, local_epochs=epochs)
-        return SimpleNamespace(name=name, cfg=cfg)
+        return SimpleNamespace(name=name, cfg=cfg, method=method or name)
 
     one, ten = entry("one", 80), entry("ten", 80, epochs=10)
     assert round_work(ten.cfg) == 10 * round_work(one.cfg) == 1_000_000
     todo = [entry("short", 10), one, entry("partial", 200, epochs=10, frac=0.1, clients=100), ten,
             entry("one-again", 80)]
     assert [e.name for e in longest_first(todo)] == ["ten", "partial", "one", "one-again", "short"]
+
+    # a suite's order is method by method, seed by seed; a longer run of "a" goes first whatever
+    # its turn, and the short "c" run waits for every run of more work
+    suite = [entry(f"{m}{s}", 80, method=m) for m in "ab" for s in range(3)] + [
+        entry("c0", 40, method="c"), entry("c1", 80, method="c"), entry("a-long", 80, epochs=2, method="a")]
+    assert [e.name for e in longest_first(suite)] == ["a-long", "a0", "b0", "c1", "a1", "b1", "a2", "b2", "c0"]
+
+
+def test_taking_turns_gives_the_eta_every_methods_cost_early():
+    """benchmarks/eta_replay.py replays measured runs through the bench's progress bar on a fake
+    clock. Two methods, one 3x the other's cost per round: in the suite's order (all seeds of the
+    cheap one first) the first ETA knows only the cheap one's rate; with the methods taking turns
+    it sees both, and the ETA is closer to the truth all along, for the same schedule length."""
+    from types import SimpleNamespace
+
+    from benchmarks.eta_replay import replay
+    from mhpfl.benchmark.runner import longest_first
+
+    cfg = SimpleNamespace(frac=1.0, clients=10, train_fraction=0.05, rounds=80, local_epochs=1, eval_every=8)
+    suite = [SimpleNamespace(cfg=cfg, group="main", method=m, setting="N10", seed=s, value=None)
+             for m in ("cheap", "costly") for s in range(3)]
+    cost = {"cheap": 100.0, "costly": 300.0}
+
+    def errors(todo):
+        end, lines = replay(todo, [cost[e.method] for e in todo], jobs=2)
+        return end, [abs(eta - true) for _, eta, true in lines]
+
+    (end_suite, suite_err), (end_turns, turns_err) = errors(suite), errors(longest_first(suite))
+    assert end_suite == end_turns == 700.0
+    assert turns_err[0] < suite_err[0] and sum(turns_err) < sum(suite_err)
+
+
+def test_eta_replay_reads_a_finished_suite():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "eta_replay.py"), "quick", str(root / "results" / "quick")],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "quick, 30 runs, 2 workers, bench order: simulated end" in p.stdout
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "eta_replay.py"), "quick", str(root / "results")],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("error: 30 of the suite's runs are not finished")
 
 
 def test_progress_bar_ends_exactly_full(capsys):

@@ -20,6 +20,7 @@ Ray is imported only here, only when `--executor ray` is asked for. Usage stats 
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import threading
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mhpfl.errors import UserError
+from mhpfl.errors import Interrupted, UserError
 from mhpfl.telemetry import telemetry_off
 
 INSTALL_HINT = "pip install 'mhpfl-bench[ray]' (or: pip install ray)"
@@ -92,8 +93,9 @@ def connect(ray, opts: RayOptions) -> bool:
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     # ray.init replaces the SIGTERM handler with a silent sys.exit. Where one was installed (mhpfl.cli:
-    # stop the suite, shut Ray down, say which runs are kept), it is put back; else Ray's stays, whose
-    # exit still shuts the instance down.
+    # stop the suite, shut Ray down, say which runs are kept), it is put back, and a SIGTERM that came
+    # while ray.init ran (Ray's handler: sys.exit) is raised as the CLI's; else Ray's handler stays,
+    # whose exit still shuts the instance down.
     ours = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         with warnings.catch_warnings():
@@ -107,6 +109,12 @@ def connect(ray, opts: RayOptions) -> bool:
                     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise UserError(f"cannot join the Ray cluster at --address {opts.address} ({msg}); "
                                     "start one ('ray start --head') or fix the address") from None
+    except SystemExit as e:  # a SIGTERM while ray.init ran met Ray's handler: sys.exit(SIGTERM)
+        if not callable(ours) or e.code != signal.SIGTERM:
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # whatever part of the instance had started
+        raise Interrupted(signal.SIGTERM) from None  # told by the CLI as its own SIGTERM
     finally:
         if callable(ours):
             signal.signal(signal.SIGTERM, ours)
