@@ -14,6 +14,7 @@ two at a time on the machine that ran them, so this replays that machine's bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -25,15 +26,14 @@ def replay(todo: list, seconds: list[float], jobs: int) -> tuple[float, list[tup
 
     now = [0.0]
     bar = _Progress(todo, enabled=False, log=lambda m: None, clock=lambda: now[0])
-    free, events = [0.0] * jobs, []
+    free, events, seq = [0.0] * jobs, [], itertools.count()  # seq: at equal times, in this order
     for i, (e, s) in enumerate(zip(todo, seconds)):
         w = min(range(jobs), key=lambda k: free[k])
         start, free[w] = free[w], free[w] + s
-        events.append((start, len(events), "start", i, 0))
         every = e.cfg.eval_every or 1
-        events += [(start + s * r / e.cfg.rounds, len(events) + r, "round", i, r)
-                   for r in range(every, e.cfg.rounds + 1, every)]
-        events.append((free[w], len(events) + e.cfg.rounds + 1, "done", i, 0))
+        events += [(start, next(seq), "start", i, 0)]
+        events += [(start + s * r / e.cfg.rounds, next(seq), "round", i, r) for r in range(every, e.cfg.rounds + 1, every)]
+        events += [(free[w], next(seq), "done", i, 0)]
     end, out = max(free), []
     for t, _, kind, i, r in sorted(events):
         now[0] = t

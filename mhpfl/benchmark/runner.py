@@ -232,9 +232,10 @@ def longest_first(todo: list[Entry]) -> list[Entry]:
     method, then seed 1, ...), suite order otherwise. A long run started last would keep one worker
     busy alone at the end. Taking turns matters because methods differ several-fold in cost per
     round (FedKD trains two models), which `round_work` does not know: in the suite's own order the
-    first runs are all one method's, so the ETA's rate is that method's (replayed with quick's 30
-    measured runs: the first ETA said 31 min left for 45, its mean error 6.9 min; taking turns, 3.0
-    min), and a suite stopped early has the first seeds of every method rather than all of a few."""
+    first runs are all one method's, so the ETA's rate is that method's (quick's 30 runs measured
+    on 2 AVX2 cores, replayed by benchmarks/eta_replay.py: the first ETA said 31 min left for 45,
+    the mean error was 6.9 min; taking turns, 40 for 45 and 2.8 min), and a suite stopped early
+    has the first seeds of every method rather than all of a few."""
     def work(e: Entry) -> int:
         return e.cfg.rounds * round_work(e.cfg)
 
@@ -424,7 +425,7 @@ class _Progress:
 
     def __init__(self, todo: list[Entry], enabled: bool, log: Callable[[str], None],
                  clock: Callable[[], float] = time.perf_counter):
-        self.todo, self.log, self.n, self.clock = todo, log, len(todo), clock  # clock: a replay's
+        self.todo, self.log, self.n, self.clock = todo, log, len(todo), clock  # or a replay's fake clock
         self.t0 = clock()
         self.unit = [round_work(e.cfg) for e in todo]
         self.seen = [0] * self.n
