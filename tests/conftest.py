@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ HAVE_FMNIST = (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists() or bool(os
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def sigterm_handler_restored():
+    """ray.init (the Ray executor's tests, Flower's simulation) installs a SIGTERM handler that
+    raises SystemExit, which pytest reports as one test's failure and then goes on: the handler of
+    before is put back after each module, so a SIGTERM (CI's time limit, a kill) stops the session."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
 
 
 @pytest.fixture
