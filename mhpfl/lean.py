@@ -141,15 +141,23 @@ class SGD(torch.optim.SGD):
                         self.state[p]["momentum_buffer"], p.grad = p.grad, None
 
 
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether the host may read a value of `t` (a Python branch on it) at no cost: on CPU. On an
+    accelerator such a read waits for every queued kernel, so code inside a training step takes a
+    sync-free path there (the same value up to float rounding). Tests force that path on CPU
+    through this function (tests/test_speed.py counts the host reads inside every method's steps)."""
+    return t.device.type == "cpu"
+
+
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> None:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)`, without its multiplication of every
     gradient by min(max_norm / (norm + 1e-6), 1) when that factor is 1 (x * 1.0 is x, bit for bit):
     in most steps nothing is clipped, and the multiplication is a read and a write of every
-    gradient. Done on CPU only, where reading the factor costs no device sync; elsewhere, or on
-    a torch without `get_total_norm` (before 2.6), torch's own call."""
+    gradient. Done where reading the factor costs no device sync (`host_reads_are_free`: CPU);
+    elsewhere, or on a torch without `get_total_norm` (before 2.6), torch's own call."""
     grads = [p.grad for p in params if p.grad is not None]
     total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if not grads or total_norm is None or grads[0].device.type != "cpu":
+    if not grads or total_norm is None or not host_reads_are_free(grads[0]):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
     norm = total_norm(grads)

@@ -15,7 +15,7 @@ from tests.conftest import needs_fmnist, synthetic_client
 
 # what keeps a round short: FedMD's transfer learning is many epochs of l1/CE steps
 SHORT = {"fedmd": dict(transfer_public_epochs=1, transfer_private_epochs=1, digest_epochs=1)}
-NOT_BATCHED = {"fd"}  # its distillation term branches on data (`if not mask.any()`): vmap rejects it
+NOT_BATCHED = {"fd"}  # on CPU its distillation term branches on data (`if not mask.any()`): vmap rejects it
 
 
 def play(cfg, rounds: int, double: bool = False):
@@ -57,6 +57,22 @@ def test_batched_round_equals_one_at_a_time(tiny_cfg, one_thread, method):
     assert together[1] == alone[1] and together[2] == alone[2]
     assert alone[3] == 0
     assert (together[3] == 0) if method in NOT_BATCHED else (together[3] > 0)
+
+
+@needs_fmnist
+def test_fd_batches_where_host_reads_are_not_free(tiny_cfg, one_thread, monkeypatch):
+    """On a GPU FD weights its distillation term by the mask instead of branching on it (no host
+    read per step), which vmap takes: two rounds (the second with targets) batched match one at a
+    time. Forced on CPU through `lean.host_reads_are_free`."""
+    from mhpfl import lean
+
+    monkeypatch.setattr(lean, "host_reads_are_free", lambda t: False)
+    kw = dict(zoo="homo", train_fraction=0.02, rounds=2, method_options={"exclude_own": False})  # targets in round 2
+    alone = play(tiny_cfg("fd", **kw), 2)
+    together = play(tiny_cfg("fd", batch_clients=True, **kw), 2)
+    assert together[3] > 0
+    assert_same(alone[0], together[0], 3e-4)
+    assert together[1:3] == alone[1:3]
 
 
 @needs_fmnist

@@ -70,6 +70,29 @@ def test_distill_loss_zero_at_target_and_masks_labels_without_target():
     assert float(distill_loss(torch.randn(3, C), y, table, torch.zeros(C, dtype=torch.bool), 1.0)) == 0.0
 
 
+@pytest.mark.parametrize("held", [[], [2, 5], list(range(C))], ids=["no-target", "some", "every-label"])
+@pytest.mark.parametrize("t", [1.0, 3.0])
+def test_distill_loss_without_host_reads_is_the_same_loss_and_gradient(monkeypatch, held, t):
+    """The path taken where reading the mask would stall a GPU (rows weighted by the mask, no
+    branch, no mask indexing) gives the branching path's value and gradient up to rounding."""
+    from mhpfl import lean
+
+    g = torch.Generator().manual_seed(len(held))
+    table, y = torch.randn(C, C, generator=g), torch.randint(0, C, (16,), generator=g)
+    has = torch.zeros(C, dtype=torch.bool)
+    has[held] = True
+    out = []
+    for free in (True, False):
+        monkeypatch.setattr(lean, "host_reads_are_free", lambda _, free=free: free)
+        logits = torch.randn(16, C, generator=torch.Generator().manual_seed(7)).requires_grad_()
+        loss = distill_loss(logits, y, table, has, t)
+        loss.backward()
+        out.append((loss.detach(), logits.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
+    assert (float(out[0][0]) > 1e-3) == bool(has[y].any())
+
+
 def test_server_target_excludes_own_logits_and_averages_per_label():
     m = get_method("fd")()
     server = make_server()

@@ -1,6 +1,7 @@
-"""The speed work's logic, on CPU: per-epoch non-finite check, bf16 autocast, the evaluation
-helper, channels-last models, the dataset cache, deterministic mode without torch._inductor,
-and the bit-for-bit shortcuts (pooling before an in-place ReLU, clipping, SGD's weight decay)."""
+"""The speed work's logic, on CPU: per-epoch non-finite check, no host read inside a training
+step, bf16 autocast, the evaluation helper, channels-last models, the dataset cache,
+deterministic mode without torch._inductor, and the bit-for-bit shortcuts (pooling before an
+in-place ReLU, clipping, SGD's weight decay)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhpfl.config import RunConfig
 from mhpfl.datasets import Split
@@ -512,3 +514,77 @@ def test_precision_and_test_eval_enter_the_run_key_only_when_not_the_default():
     assert run_key(base) != run_key(RunConfig(method="standalone", download=False, test_eval="improved"))
     with pytest.raises(UserError, match="unknown --test-eval 'some'; use every or improved"):
         RunConfig(method="standalone", download=False, test_eval="some").validate()
+
+
+# Ops whose result the host must read (or whose output size depends on values): on a GPU each
+# waits for every queued kernel. Boolean-mask indexing runs nonzero inside the index kernel.
+HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+              torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+              torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default, torch.ops.aten.bincount.default,
+              torch.ops.aten.repeat_interleave.Tensor}
+
+
+def _bool_index(func, args) -> bool:
+    if func not in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default):
+        return False
+    return any(t is not None and t.dtype == torch.bool for t in args[1])
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the host reads (HOST_READS, boolean-mask indexing) of the ops run inside."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS or _bool_index(func, args):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# 5 clients, 2 labels each: every label has one holder, so FD's own logits must count for a target
+TARGETS_IN_ROUND_2 = {"fd": {"exclude_own": False}}
+
+
+@needs_fmnist
+@pytest.mark.parametrize("batch_clients", [False, True], ids=["one-at-a-time", "batched"])
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_no_host_read_inside_a_training_step(method, batch_clients, tiny_cfg, tmp_path, monkeypatch):
+    """The GPU path's promise, checked on CPU: no step (forward, backward, clipping, SGD, the
+    batched engine's vmapped step) makes the host read a tensor, so a GPU never waits for the host
+    in the training loop (the loss is checked once per epoch, outside the steps). The paths taken
+    where reads are not free (`lean.host_reads_are_free`: clipping with torch's call, FD's masked
+    distillation as weights) are forced here; FD's read of its mask every step is what this found."""
+    from mhpfl import lean
+    from mhpfl.engine import batching, context, run
+
+    monkeypatch.setattr(lean, "host_reads_are_free", lambda t: False)
+    seen, steps = [], []
+
+    def counted(fn):
+        def inner(*a, **kw):
+            steps.append(fn.__qualname__)
+            with _HostReads(seen):
+                return fn(*a, **kw)
+        return inner
+
+    for cls, name in ((context.FitRun, "backward"), (context.FitRun, "update"), (batching._Together, "step")):
+        monkeypatch.setattr(cls, name, counted(getattr(cls, name)))
+    cfg = tiny_cfg(method, rounds=2, batch_clients=batch_clients, train_fraction=0.02, val_size=500,
+                   zoo="homo" if method == "fedavg" or batch_clients else "hetero",  # one architecture: batched
+                   method_options=TARGETS_IN_ROUND_2.get(method, {}))
+    run(cfg, out=tmp_path, progress=False)
+    assert len(steps) > 20
+    assert ("_Together.step" in steps) == batch_clients  # the vmapped step ran and was checked too
+    assert seen == [], f"{method}: {len(seen)} host reads in {len(steps)} steps: {sorted(set(seen))}"
+
+
+def test_host_read_detector_sees_what_fd_did():
+    """The check above can fail: FD's former per-step `bool(mask.any())` and its mask indexing."""
+    seen = []
+    logits, mask = torch.randn(4, 3), torch.tensor([True, False, True, True])
+    with _HostReads(seen):
+        bool(mask.any())
+        logits[mask].sum()
+    assert len(seen) == 2

@@ -40,7 +40,7 @@ class Client:
         self.ready = False  # set up by the method (init_client runs at the first participation)
         self.state: dict[str, Any] = {}  # what the method keeps on this client between rounds
         self.modules: list[nn.Module] = []
-        self.gen = torch_gen(cfg.seed, "client", cid, "init")
+        self.gen = torch_gen(cfg.seed, "client", cid, "init", device=cfg.device)
         self.batcher: Any = None  # set by the engine while it trains clients together
         self.model = self.new_model(arch)
 
@@ -70,9 +70,11 @@ class Client:
 
     # ---- training ----------------------------------------------------------------------
     def start_update(self, round_: int, phase: str) -> None:
-        """Called by the engine before each client update: a fresh, order-independent stream."""
+        """Called by the engine before each client update: a fresh, order-independent stream, on
+        the run's device (data order and augmentation draw there: no host-to-device copy per step,
+        which on a GPU waits for the queue)."""
         self.round = round_
-        self.gen = torch_gen(self.cfg.seed, "client", self.cid, round_, phase)
+        self.gen = torch_gen(self.cfg.seed, "client", self.cid, round_, phase, device=self.cfg.device)
 
     def fit(self, params: Iterable[nn.Parameter], loss_fn: LossFn, *, epochs: int | None = None,
             data: Split | None = None, batch_size: int | None = None, lr: float | None = None) -> float:
