@@ -588,3 +588,13 @@ def test_host_read_detector_sees_what_fd_did():
         bool(mask.any())
         logits[mask].sum()
     assert len(seen) == 2
+
+
+def test_drawing_batches_reads_nothing_on_the_host():
+    """A fit's batches (data order, CIFAR's augmentation) come from the client's stream without a
+    host read, so the steps above are the whole training loop's share."""
+    split = Split(torch.randn(100, 3, 32, 32), torch.randint(0, 10, (100,)), augment=True)
+    seen = []
+    with _HostReads(seen):
+        batches = list(split.batches(32, torch.Generator().manual_seed(0)))
+    assert len(batches) == 4 and seen == []
