@@ -50,7 +50,7 @@ class Split:
     def batches(self, batch_size: int, g: torch.Generator | None = None,
                 shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
-        dev = g.device if g is not None else "cpu"  # the client's generator lives on the data's device
+        dev = g.device if g is not None else "cpu"  # drawn where the stream lives (a client's: the run's device)
         order = torch.randperm(n, generator=g, device=dev).to(self.x.device) if shuffle else None
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size] if shuffle else slice(s, s + batch_size)
