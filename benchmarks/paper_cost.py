@@ -6,10 +6,10 @@ measured on this machine, and the projected cost of 500-round runs. Run by hand,
 Round 1 holds the set-up of its participants (their first participation), so rounds 2..R are timed
 (median); R is at least what gives every client one participation (10 at (100, 10%)), so later
 rounds still hold some clients' set-up, as in a real run's first rounds.
-Where the real CIFAR-10 archive is not under --data-root, a CIFAR-10-shaped stand-in of the same
-size (50,000 + 10,000 random 3x32x32 images, balanced labels) is written to a temporary folder:
-the time of a round does not depend on pixel values. The output says which data was used.
-Likewise a Fashion-MNIST-shaped stand-in for `--suite quick` where the real IDX files are absent.
+Where a dataset the chosen settings use is not under --data-root, a stand-in of its shape and
+size (CIFAR-10 and CIFAR-100: 50,000 + 10,000 random 3x32x32 images, balanced labels;
+Fashion-MNIST: 60,000 + 10,000 of 28x28) is written to a temporary folder: the time of a round
+does not depend on pixel values. The output says which data was used.
 
 On a GPU (`--device cuda`), one command measures what docs/performance.md's GPU section asks for:
 fp32 and bf16, one client at a time and batched, the quick N10 and the paper's CIFAR-10 N10
@@ -21,6 +21,9 @@ settings, with the GPU's utilisation sampled by nvidia-smi during each run:
 
 `hours_in_suite` is the measured s/round x the rounds of every run of that (setting, method) in
 the suite (seeds and ablation values): the projected device-hours of that part of the suite.
+`projection` sums them per (precision, batching) over the rows measured, with the share of the
+suite's runs they cover: `--settings all --methods all` projects the whole suite. The output
+file is rewritten after every measurement, so a run stopped early keeps what it measured.
 """
 from __future__ import annotations
 
@@ -42,14 +45,25 @@ import torch
 
 def stand_in_cifar10(root: Path) -> None:
     """CIFAR-10's extracted folder in torchvision's layout, random images, the real sizes."""
-    folder = root / "cifar-10-batches-py"
+    _stand_in_cifar(root / "cifar-10-batches-py", [*[(f"data_batch_{i}", 10_000) for i in range(1, 6)],
+                                                   ("test_batch", 10_000)], "labels", 10,
+                    ("batches.meta", "label_names"))
+
+
+def stand_in_cifar100(root: Path) -> None:
+    """CIFAR-100's extracted folder in torchvision's layout, random images, the real sizes."""
+    _stand_in_cifar(root / "cifar-100-python", [("train", 50_000), ("test", 10_000)], "fine_labels", 100,
+                    ("meta", "fine_label_names"))
+
+
+def _stand_in_cifar(folder: Path, files: list, label_key: str, classes: int, meta: tuple) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for name, n in [*[(f"data_batch_{i}", 10_000) for i in range(1, 6)], ("test_batch", 10_000)]:
+    for name, n in files:
         blob = {"data": rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8),
-                "labels": rng.permutation(np.arange(n) % 10).tolist()}
+                label_key: rng.permutation(np.arange(n) % classes).tolist()}
         (folder / name).write_bytes(pickle.dumps(blob))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    (folder / meta[0]).write_bytes(pickle.dumps({meta[1]: [f"c{i}" for i in range(classes)]}))
 
 
 def stand_in_fmnist(root: Path) -> None:
@@ -92,48 +106,73 @@ class GpuUtilisation:
         return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
+STAND_INS = {"cifar10": ("CIFAR-10", stand_in_cifar10), "cifar100": ("CIFAR-100", stand_in_cifar100),
+             "fmnist": ("Fashion-MNIST", stand_in_fmnist)}
+
+
+def data_with_stand_ins(names: list[str], root: str | None, tmp: str) -> tuple[str | None, str]:
+    """The data root to run on and what it holds: `root` where every dataset in `names` is there,
+    else `tmp` holding a random stand-in of the same shape and size for each absent one and a link
+    to each present one's files under `root`."""
+    from mhpfl.datasets.loaders import dataset_present, default_data_root
+
+    absent = [n for n in names if not dataset_present(n, root)]
+    if not absent:
+        return root, "; ".join(STAND_INS[n][0] for n in names)
+    src = Path(root) if root else default_data_root()
+    for entry in ("cifar-10-batches-py", "cifar-10-python.tar.gz", "cifar-100-python", "cifar-100-python.tar.gz",
+                  "FashionMNIST"):
+        if (src / entry).exists():
+            (Path(tmp) / entry).symlink_to((src / entry).resolve())
+    if {"cifar10", "cifar100"} & set(absent):
+        import torchvision.datasets.cifar as cifar
+
+        cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # a stand-in has no MD5
+    for n in absent:
+        STAND_INS[n][1](Path(tmp))
+    return tmp, "; ".join(f"{STAND_INS[n][0]}-shaped random stand-in (real data absent)" if n in absent
+                          else STAND_INS[n][0] for n in names)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="paper", choices=["paper", "quick"])
-    ap.add_argument("--methods", nargs="+", default=["standalone", "pfedlora"])
+    ap.add_argument("--methods", nargs="+", default=["standalone", "pfedlora"], help="or: all (the suite's)")
     ap.add_argument("--settings", nargs="+", default=None,
-                    help="default: the paper suite's CIFAR-10 settings, or every setting of quick")
+                    help="default: the paper suite's CIFAR-10 settings, or every setting of quick; all: every one")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per measurement (>= 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--batch-clients", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument("--data-root", default=os.environ.get("MHPFL_DATA"))
-    ap.add_argument("--out", default="paper_cost.json")
+    ap.add_argument("--out", default="paper_cost.json", help="rewritten after every measurement")
     a = ap.parse_args()
 
     from mhpfl.benchmark.suite import load_suite
-    from mhpfl.datasets.loaders import dataset_present
     from mhpfl.engine import run
 
+    suite = load_suite(a.suite)
+    if a.settings == ["all"]:
+        settings = [s.name for s in suite.settings]
+    else:
+        settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
+                                  if a.suite == "paper" else [s.name for s in suite.settings])
+    methods = suite.methods if a.methods == ["all"] else a.methods
     tmp = tempfile.TemporaryDirectory()
-    root = a.data_root
-    name = {"paper": "cifar10", "quick": "fmnist"}[a.suite]
-    data = {"cifar10": "CIFAR-10", "fmnist": "Fashion-MNIST"}[name]
-    if not dataset_present(name, root):
-        root, data = tmp.name, f"{data}-shaped random stand-in (real data absent)"
-        if name == "cifar10":
-            import torchvision.datasets.cifar as cifar
-
-            stand_in_cifar10(Path(root))
-            cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # the stand-in has no MD5
-        else:
-            stand_in_fmnist(Path(root))
+    root, data = data_with_stand_ins(sorted({s.cfg.dataset for s in suite.settings if s.name in settings}),
+                                     a.data_root, tmp.name)
     suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
-    settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
-                              if a.suite == "paper" else [s.name for s in suite.settings])
-    rows = []
+    gpu_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
+    report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
+              "cpu": platform.processor(), "data": data, "suite": a.suite, "rows": []}
+    rows = report["rows"]
     for e in suite.entries:
         if e.group != "main" or e.seed != suite.entries[0].seed or e.setting not in settings \
-                or e.method not in a.methods:
+                or e.method not in methods:
             continue
         k = max(1, round(e.cfg.frac * e.cfg.clients))  # participants per round; each client once at least
         rounds = max(a.rounds, -(-e.cfg.clients // k))
-        in_suite = [x for x in suite.entries if x.setting == e.setting and x.method == e.method]
+        in_suite = [x for x in suite.runs().values() if x.setting == e.setting and x.method == e.method]
         for precision in a.precision:
             for batching in a.batch_clients:
                 cfg = dataclasses.replace(e.cfg, rounds=rounds, eval_every=1, precision=precision,
@@ -149,18 +188,34 @@ def main() -> None:
                              "gpu_util_pct": gpu.mean,
                              "hours_per_run": round(per_round * e.cfg.rounds / 3600, 2),
                              "rounds_in_run": e.cfg.rounds, "runs_in_suite": len(in_suite),
+                             "rounds_in_suite": sum(x.cfg.rounds for x in in_suite),
                              "hours_in_suite": round(per_round * sum(x.cfg.rounds for x in in_suite) / 3600, 2),
                              "measured_rounds": rounds, "wall_s": round(wall, 1),
                              "train_flops_per_round": s["train_flops"] / rounds})
                 print(rows[-1], flush=True)
-    gpu_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
-    report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
-              "cpu": platform.processor(), "data": data, "suite": a.suite, "rows": rows}
-    Path(a.out).write_text(json.dumps(report, indent=1))
+                report["projection"] = projection(rows, len(suite.runs()))
+                Path(a.out).write_text(json.dumps(report, indent=1))  # a run stopped early keeps its rows
     print(pd.DataFrame(rows).to_markdown(index=False))
+    for p in report.get("projection", []):
+        print(f"{p['precision']}, batch-clients {p['batch_clients']}: {p['hours']} device-hours for the "
+              f"{p['runs']} of the suite's {p['runs_in_suite']} runs whose (setting, method) was measured")
     print(f"data: {data}; device {a.device}{f' ({gpu_name})' if gpu_name else ''}; "
           f"{torch.get_num_threads()} torch thread(s); written {a.out}")
 
+
+def projection(rows: list[dict], runs_in_suite: int) -> list[dict]:
+    """Per (precision, batching): the device-hours of every suite run whose (setting, method) was
+    measured (each run's rounds x its measured s/round), and how many runs that covers."""
+    out = {}
+    for r in rows:
+        p = out.setdefault((r["precision"], r["batch_clients"]),
+                           {"precision": r["precision"], "batch_clients": r["batch_clients"], "seconds": 0.0,
+                            "runs": 0, "runs_in_suite": runs_in_suite})
+        p["seconds"] += r["s_per_round"] * r["rounds_in_suite"]
+        p["runs"] += r["runs_in_suite"]
+    for p in out.values():
+        p["hours"] = round(p.pop("seconds") / 3600, 2)
+    return list(out.values())
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.paper_cost import stand_in_cifar10
+from benchmarks.paper_cost import data_with_stand_ins, projection, stand_in_cifar10, stand_in_cifar100
 from mhpfl.datasets.loaders import dataset_present, load_dataset
 from tests.conftest import needs_fmnist
 
@@ -44,6 +44,11 @@ def test_paper_cost_times_rounds_and_projects_the_suite(tmp_path):
         assert r["hours_per_run"] == pytest.approx(r["s_per_round"] * 80 / 3600, abs=0.01)
     # batching changes how the work is scheduled, never how much is counted
     assert rows[0]["train_flops_per_round"] == rows[1]["train_flops_per_round"] > 0
+    # the suite's device-hours over the rows measured: Standalone's 3 of quick's 30 runs, per batching
+    assert [(x["batch_clients"], x["runs"], x["runs_in_suite"]) for x in report["projection"]] == [
+        ("off", 3, 30), ("on", 3, 30)]
+    for x, r in zip(report["projection"], rows):
+        assert x["hours"] == pytest.approx(r["s_per_round"] * 240 / 3600, abs=0.01)
     assert "| standalone" in p.stdout and "device cpu" in p.stdout
 
 
@@ -59,3 +64,42 @@ def test_cifar10_stand_in_is_read_as_cifar10(tmp_path, monkeypatch):
     assert tuple(ds.train_x.shape) == (50_000, 3, 32, 32) and tuple(ds.test_x.shape) == (10_000, 3, 32, 32)
     assert sorted(ds.train_y.bincount().tolist()) == [5_000] * 10  # balanced labels, like CIFAR-10
     assert sorted(ds.test_y.bincount().tolist()) == [1_000] * 10
+
+
+def test_cifar100_stand_in_is_read_as_cifar100(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    stand_in_cifar100(tmp_path)
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    assert dataset_present("cifar100", str(tmp_path))
+    ds = load_dataset("cifar100", str(tmp_path), download=False)
+    assert tuple(ds.train_x.shape) == (50_000, 3, 32, 32) and tuple(ds.test_x.shape) == (10_000, 3, 32, 32)
+    assert sorted(ds.train_y.bincount().tolist()) == [500] * 100
+
+
+def test_stand_ins_are_written_only_for_the_absent_datasets(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", cifar.check_integrity)  # put back after the test
+    real = tmp_path / "real"
+    stand_in_cifar10(real)  # stands for a real CIFAR-10 under --data-root
+    root, data = data_with_stand_ins(["cifar10"], str(real), str(tmp_path / "unused"))
+    assert (root, data) == (str(real), "CIFAR-10")
+    (tmp_path / "tmp").mkdir()
+    root, data = data_with_stand_ins(["cifar10", "cifar100"], str(real), str(tmp_path / "tmp"))
+    assert root == str(tmp_path / "tmp")
+    assert data == "CIFAR-10; CIFAR-100-shaped random stand-in (real data absent)"
+    assert (tmp_path / "tmp" / "cifar-10-batches-py").resolve() == (real / "cifar-10-batches-py").resolve()
+    assert dataset_present("cifar100", root) and dataset_present("cifar10", root)
+
+
+def test_projection_adds_up_the_suite_runs_measured():
+    def row(p, s, runs):
+        return {"precision": p, "batch_clients": "off", "s_per_round": s, "rounds_in_suite": 500 * runs,
+                "runs_in_suite": runs}
+
+    got = projection([row("fp32", 2.0, 3), row("fp32", 4.5, 6), row("bf16", 1.0, 3)], 264)
+    assert got == [{"precision": "fp32", "batch_clients": "off", "runs": 9, "runs_in_suite": 264,
+                    "hours": round((2.0 * 1500 + 4.5 * 3000) / 3600, 2)},
+                   {"precision": "bf16", "batch_clients": "off", "runs": 3, "runs_in_suite": 264,
+                    "hours": round(1500 / 3600, 2)}]

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement that docs/performance.md's GPU section asks for, in one command,
+# on a machine with a CUDA GPU (about 9 minutes at most: each step has its own time limit, so a
+# step that hangs costs only its own share, and what a step measured is kept):
+#
+#     bash benchmarks/gpu_check.sh [OUT]        # OUT: a folder for what it writes (default gpu-check)
+#
+#   1. the machine: GPU, driver, torch, CUDA                               -> OUT/gpu_check.log
+#   2. tests/test_gpu.py on the device: no training step waits for the host (CUDA's sync debug
+#      mode), data and models on the device, seeded runs identical, batched = one at a time,
+#      every method in bf16, the non-finite-loss error                     -> OUT/gpu_check.log
+#   3. benchmarks/paper_cost.py: s/round and GPU utilisation of Standalone and pFedLoRA, fp32 and
+#      bf16, one client at a time and batched, in the quick suite's N10 setting (quick.json) and
+#      the paper's CIFAR-10 N10 setting (cifar10_n10.json)
+#   4. the paper suite's device-hours as the protocol runs it (fp32, one client at a time): every
+#      setting and method, as far as its time limit goes; `projection` says how many of the
+#      suite's runs the measured rows cover                               -> OUT/paper_suite.json
+#
+# GPU_CHECK_DEVICE=cpu runs the same steps on CPU (to check the script; the limits then cut the
+# measurements short).
+# Python: .venv/bin/python where `make install` ran, else python3 (an image that has PyTorch,
+# torchvision, peft, pandas, matplotlib, tqdm, scipy and pytest). WHEELHOUSE=DIR first installs
+# the wheels in DIR into a temporary folder on PYTHONPATH, for what such an image lacks; build
+# them where PyPI can be reached: pip wheel --no-deps -w DIR fvcore iopath yacs termcolor
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu-check}}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+export MHPFL_GPU_TEST_DEVICE=$DEVICE PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${WHEELHOUSE:-}" ]; then
+    site=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELHOUSE"/*.whl >> "$LOG" 2>&1 \
+        || { echo "error: could not install the wheels in $WHEELHOUSE (see $LOG)"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output into the log
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (time limit)')" | tee -a "$LOG"
+}
+
+step gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step torch 30 "$PY" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', \
+torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step quick 60 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite quick --methods standalone pfedlora \
+    --precision fp32 bf16 --batch-clients off on --rounds 3 --out "$OUT/quick.json"
+step cifar10_n10 100 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods standalone pfedlora --precision fp32 bf16 --batch-clients off on --out "$OUT/cifar10_n10.json"
+step paper_suite 100 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all --methods all \
+    --out "$OUT/paper_suite.json"
+grep "^=== .*: exit" "$LOG"
