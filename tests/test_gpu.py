@@ -72,6 +72,18 @@ def no_sync():
         torch.cuda.set_sync_debug_mode(before)
 
 
+def test_the_sync_check_catches_a_host_read():
+    """The check below can fail: a value read by the host inside `no_sync` raises."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA's sync debug mode exists on CUDA only")
+    t = torch.ones(3, device=DEVICE)
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        with no_sync():
+            float(t.sum())
+    with no_sync():
+        t.mul_(2)  # queued work alone is fine
+
+
 @pytest.mark.parametrize("batch_clients", [False, True], ids=["one-at-a-time", "batched"])
 @pytest.mark.parametrize("method", EVERY_METHOD)
 def test_no_training_step_waits_for_the_host(method, batch_clients, cfg, tmp_path, monkeypatch):
