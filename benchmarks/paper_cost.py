@@ -158,6 +158,10 @@ def main() -> None:
         settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
                                   if a.suite == "paper" else [s.name for s in suite.settings])
     methods = suite.methods if a.methods == ["all"] else a.methods
+    unknown = sorted(set(settings) - {s.name for s in suite.settings}) + sorted(set(methods) - set(suite.methods))
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: not in the {a.suite} suite; its settings are "
+                         f"{', '.join(s.name for s in suite.settings)} and its methods {', '.join(suite.methods)}")
     tmp = tempfile.TemporaryDirectory()
     root, data = data_with_stand_ins(sorted({s.cfg.dataset for s in suite.settings if s.name in settings}),
                                      a.data_root, tmp.name)
@@ -216,6 +220,7 @@ def projection(rows: list[dict], runs_in_suite: int) -> list[dict]:
     for p in out.values():
         p["hours"] = round(p.pop("seconds") / 3600, 2)
     return list(out.values())
+
 
 if __name__ == "__main__":
     main()

@@ -26,14 +26,11 @@ import torch
 from mhpfl.config import RunConfig
 from tests.conftest import HAVE_FMNIST, strip_timing
 from tests.test_batching import SHORT, assert_same, play
+from tests.test_speed import EVERY_METHOD
 
 DEVICE = os.environ.get("MHPFL_GPU_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                 reason="no CUDA device here (MHPFL_GPU_TEST_DEVICE=cpu runs these on CPU)")
-
-EVERY_METHOD = ["standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh",
-                "fedtgp", "pfedlora"]
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, data_root) -> str:

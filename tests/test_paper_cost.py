@@ -103,3 +103,11 @@ def test_projection_adds_up_the_suite_runs_measured():
                     "hours": round((2.0 * 1500 + 4.5 * 3000) / 3600, 2)},
                    {"precision": "bf16", "batch_clients": "off", "runs": 3, "runs_in_suite": 264,
                     "hours": round(1500 / 3600, 2)}]
+
+
+@pytest.mark.parametrize("args", [["--settings", "cifar10-N10"], ["--methods", "pfedlor"]])
+def test_an_unknown_setting_or_method_is_a_one_line_error(args, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_cost.py"), *args], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith(f"error: {args[1]}: not in the paper suite; its settings are cifar10-N10-C100")
