@@ -32,6 +32,7 @@ DEVICE = os.environ.get("MHPFL_GPU_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                 reason="no CUDA device here (MHPFL_GPU_TEST_DEVICE=cpu runs these on CPU)")
 
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, data_root) -> str:
     if HAVE_FMNIST:
