@@ -121,20 +121,66 @@ def test_dataset_cache_is_bitwise_and_survives_corruption(tmp_path, monkeypatch)
     from mhpfl.datasets import loaders
 
     root = tmp_path / "data"
+    import shutil
+    if shutil.disk_usage(tmp_path).free < 1 << 30:
+        pytest.skip(f"less than 1 GiB free under {tmp_path} for a 220 MB cache")
+    monkeypatch.setattr(loaders, "CACHE_FREE_MARGIN", 0)
     loaders.load_dataset.cache_clear()
     first = loaders.load_dataset("fmnist", str(root), False)
     path = loaders.cache_path(root, first.info)
     assert path.exists()
     loaders.load_dataset.cache_clear()
+    decode = loaders._decode
     monkeypatch.setattr(loaders, "_decode", lambda *a: pytest.fail("decoded although cached"))
     cached = loaders.load_dataset("fmnist", str(root), False)
     for k in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(first, k), getattr(cached, k))
-    monkeypatch.undo()
+    monkeypatch.setattr(loaders, "_decode", decode)
     path.write_bytes(b"truncated")
     loaders.load_dataset.cache_clear()
     again = loaders.load_dataset("fmnist", str(root), False)
     assert torch.equal(again.test_x, first.test_x)
+    loaders.load_dataset.cache_clear()
+
+
+def _small_dataset():
+    from mhpfl.datasets import dataset_info
+    from mhpfl.datasets.loaders import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(dataset_info("fmnist"), torch.randn(64, 1, 28, 28, generator=g), torch.arange(64) % 10,
+                         torch.randn(16, 1, 28, 28, generator=g), torch.arange(16) % 10)
+
+
+def test_a_full_disk_skips_the_dataset_cache_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The cache only saves decoding time: a disk that fills up mid-write (torch.save raises
+    RuntimeError, as CI saw) or that would keep less than CACHE_FREE_MARGIN free loads the data
+    all the same, writes no cache and leaves no temporary file behind."""
+    import collections
+
+    from mhpfl.datasets import loaders
+
+    small = _small_dataset()
+    monkeypatch.setattr(loaders, "_decode", lambda *a: small)
+    real_save = torch.save
+
+    def save_until_full(obj, f):
+        real_save(obj, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 982")
+
+    monkeypatch.setattr(loaders.torch, "save", save_until_full)
+    loaders.load_dataset.cache_clear()
+    assert loaders.load_dataset("fmnist", str(tmp_path), False) is small
+    assert list((tmp_path / ".mhpfl-cache").iterdir()) == []
+    monkeypatch.setattr(loaders.torch, "save", real_save)
+
+    usage = collections.namedtuple("usage", "total used free")
+    need = sum(t.nbytes for t in (small.train_x, small.train_y, small.test_x, small.test_y))
+    for free, written in ((need + loaders.CACHE_FREE_MARGIN - 1, False), (need + loaders.CACHE_FREE_MARGIN, True)):
+        monkeypatch.setattr(loaders.shutil, "disk_usage", lambda p, free=free: usage(2 * free, free, free))
+        loaders.load_dataset.cache_clear()
+        assert loaders.load_dataset("fmnist", str(tmp_path), False) is small
+        assert loaders.cache_path(tmp_path, small.info).exists() is written
     loaders.load_dataset.cache_clear()
 
 

@@ -185,17 +185,29 @@ def _read_cache(path: Path, info: DatasetInfo) -> TensorDataset | None:
         return None
 
 
+CACHE_FREE_MARGIN = 1 << 30  # the cache is written only where this much would stay free after it
+
+
 def _write_cache(path: Path, ds: TensorDataset) -> None:
+    """Cache the decoded tensors, or skip it: the cache only saves decoding time, so a data root
+    that is read-only, short of space (it would keep less than CACHE_FREE_MARGIN free) or fails
+    mid-write (torch.save reports a full disk as RuntimeError) costs the decoding next time."""
+    tensors = {"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x, "test_y": ds.test_y}
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        need = sum(t.untyped_storage().nbytes() for t in tensors.values())
+        if shutil.disk_usage(path.parent).free < need + CACHE_FREE_MARGIN:
+            return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         os.chmod(tmp, 0o644)
-        torch.save({"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x,
-                    "test_y": ds.test_y}, tmp)
+        torch.save(tensors, tmp)
         os.replace(tmp, path)
-    except OSError:  # a read-only data root only costs the decoding next time
+        tmp = None
+    except (OSError, RuntimeError):
+        pass
+    finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
