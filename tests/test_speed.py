@@ -72,6 +72,13 @@ EVERY_METHOD = ["standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd
                 "fedtgp", "pfedlora"]
 
 
+def test_every_method_is_every_built_in_method():
+    """The per-method speed tests here and in test_gpu.py cover a method added later too."""
+    from mhpfl.methods import BUILTIN
+
+    assert sorted(EVERY_METHOD) == sorted(BUILTIN)
+
+
 @needs_fmnist
 @pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_runs_in_bf16(method, tiny_cfg, tmp_path):
