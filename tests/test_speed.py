@@ -5,6 +5,7 @@ in-place ReLU, clipping, SGD's weight decay)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -128,7 +129,6 @@ def test_dataset_cache_is_bitwise_and_survives_corruption(tmp_path, monkeypatch)
     from mhpfl.datasets import loaders
 
     root = tmp_path / "data"
-    import shutil
     if shutil.disk_usage(tmp_path).free < 1 << 30:
         pytest.skip(f"less than 1 GiB free under {tmp_path} for a 220 MB cache")
     monkeypatch.setattr(loaders, "CACHE_FREE_MARGIN", 0)
