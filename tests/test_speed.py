@@ -169,19 +169,21 @@ def test_a_full_disk_skips_the_dataset_cache_and_leaves_no_partial_file(tmp_path
 
     small = _small_dataset()
     monkeypatch.setattr(loaders, "_decode", lambda *a: small)
-    real_save = torch.save
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(loaders.shutil, "disk_usage", lambda p: usage(1 << 50, 0, 1 << 50))  # room, so it writes
+    real_save, partial = torch.save, []
 
     def save_until_full(obj, f):
         real_save(obj, f)
+        partial.append(f)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 982")
 
     monkeypatch.setattr(loaders.torch, "save", save_until_full)
     loaders.load_dataset.cache_clear()
     assert loaders.load_dataset("fmnist", str(tmp_path), False) is small
-    assert list((tmp_path / ".mhpfl-cache").iterdir()) == []
+    assert len(partial) == 1 and list((tmp_path / ".mhpfl-cache").iterdir()) == []
     monkeypatch.setattr(loaders.torch, "save", real_save)
 
-    usage = collections.namedtuple("usage", "total used free")
     need = sum(t.nbytes for t in (small.train_x, small.train_y, small.test_x, small.test_y))
     for free, written in ((need + loaders.CACHE_FREE_MARGIN - 1, False), (need + loaders.CACHE_FREE_MARGIN, True)):
         monkeypatch.setattr(loaders.shutil, "disk_usage", lambda p, free=free: usage(2 * free, free, free))
