@@ -9,9 +9,10 @@ passes, FedKD's mentee). `replay` runs those passes as a bare PyTorch loop: a tr
 forward + a scalar loss + backward + gradient clipping + an SGD step on the recorded trainable
 parameters; an inference pass is a forward pass in inference mode. Inputs are random tensors of
 the recorded shapes, gathered by a random index for training batches as the engine does.
-The tracer also records every `torch.linalg.svd` the round runs (FedKD compresses each upload
-and each aggregate by truncated SVD: work by design, not a forward pass), with its input, and
-the floor runs the same decompositions of the same matrices (`replay_decompositions`).
+The tracer also records every truncated SVD the round runs (`lowrank.truncated_svd`: FedKD
+compresses each upload and each aggregate: work by design, not a forward pass), with its
+arguments, and the floor runs the same decompositions of the same matrices
+(`replay_decompositions`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.lean import SGD, clip_grad_norm
+from mhpfl.methods import lowrank
 
 
 @dataclass
@@ -40,19 +42,19 @@ class Tracer:
 
     def __init__(self):
         self.passes: list[Pass] = []
-        self.decompositions: list[tuple[torch.Tensor, dict]] = []  # torch.linalg.svd's inputs
+        self.decompositions: list[tuple] = []  # lowrank.truncated_svd's arguments
         self.recording = False
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._orig = FlopMeter.track
-        self._svd = torch.linalg.svd
+        self._svd = lowrank.truncated_svd
 
     def __enter__(self) -> "Tracer":
         tracer, orig, svd = self, self._orig, self._svd
 
-        def traced_svd(a, *args, **kwargs):
+        def traced_svd(m, energy, max_rank):
             if tracer.recording:
-                tracer.decompositions.append((a.detach().clone(), dict(kwargs, _args=args)))
-            return svd(a, *args, **kwargs)
+                tracer.decompositions.append((m.detach().clone(), energy, max_rank))
+            return svd(m, energy, max_rank)
 
         def track(meter, module, in_shape, label):
             out = orig(meter, module, in_shape, label)
@@ -72,12 +74,12 @@ class Tracer:
             return out
 
         FlopMeter.track = track
-        torch.linalg.svd = traced_svd
+        lowrank.truncated_svd = traced_svd
         return self
 
     def __exit__(self, *exc) -> None:
         FlopMeter.track = self._orig
-        torch.linalg.svd = self._svd
+        lowrank.truncated_svd = self._svd
         for h in self._handles.values():
             h.remove()
         self._handles.clear()
@@ -88,7 +90,7 @@ class Floor:
 
     def __init__(self, passes: list[Pass], lr: float, momentum: float, weight_decay: float,
                  grad_clip: float, device: str = "cpu", seed: int = 0,
-                 decompositions: list[tuple[torch.Tensor, dict]] = ()):
+                 decompositions: list[tuple] = ()):
         self.grad_clip = grad_clip
         self.decompositions = list(decompositions)
         self.passes = _on_copies(passes)  # the replay must not move the run's own models
@@ -149,11 +151,11 @@ class Floor:
         return time.perf_counter() - t0
 
     def replay_decompositions(self) -> float:
-        """Run the round's SVDs once, on the matrices the round decomposed; returns the seconds."""
+        """Run the round's truncated SVDs once, on the matrices the round decomposed; returns the
+        seconds."""
         t0 = time.perf_counter()
-        for a, kw in self.decompositions:
-            kw = dict(kw)
-            torch.linalg.svd(a, *kw.pop("_args"), **kw)
+        for args in self.decompositions:
+            lowrank.truncated_svd(*args)
         return time.perf_counter() - t0
 
 

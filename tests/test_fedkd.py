@@ -11,7 +11,8 @@ from mhpfl.datasets import ClientData, Split, dataset_info
 from mhpfl.engine import Client, FlopMeter, Server, Upload, message_bytes, run
 from mhpfl.engine.runner import wire
 from mhpfl.methods import get_method
-from mhpfl.methods.fedkd import adaptive_kd_loss, apply, compress, energy_threshold, svd_rank
+from mhpfl.methods.fedkd import adaptive_kd_loss
+from mhpfl.methods.lowrank import apply, compress, energy_threshold, energy_rank
 from mhpfl.models import build_model
 
 INFO = dataset_info("fmnist")
@@ -48,7 +49,7 @@ def test_svd_reconstruction_error_respects_the_energy_threshold(energy):
     assert rel <= 1 - energy + 1e-6
     s = torch.linalg.svd(m.double()).S
     assert float((s[:k - 1] ** 2).sum() / (s ** 2).sum()) <= energy  # k is the smallest such rank
-    assert svd_rank(torch.zeros(5), energy) == 0
+    assert energy_rank(torch.zeros(5), 0.0, energy) == 0
 
 
 def test_dense_when_factors_would_not_be_smaller():
