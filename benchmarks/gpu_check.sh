@@ -21,7 +21,7 @@
 # Python: .venv/bin/python where `make install` ran, else python3 (an image that has PyTorch,
 # torchvision, peft, pandas, matplotlib, tqdm, scipy and pytest). WHEELHOUSE=DIR first installs
 # the wheels in DIR into a temporary folder on PYTHONPATH, for what such an image lacks; build
-# them where PyPI can be reached: pip wheel --no-deps -w DIR fvcore iopath yacs termcolor
+# them where PyPI can be reached: pip wheel --no-deps -w DIR fvcore iopath yacs termcolor threadpoolctl
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu-check}}
