@@ -24,7 +24,7 @@ so is a matrix whose factors would not be smaller than itself. The energy thresh
 linearly over rounds: T(r) = T_start + (r / R) * (T_end - T_start), r = 1..R (the official
 code's (t+1)/R with t counted from 0). The compression is in methods/lowrank.py (the top singular
 triplets from the Gram matrix's top eigenpairs in float64, not a full SVD: the same factors up to
-float64 rounding, 4x faster).
+float64 rounding, 4x faster per matrix).
 
 Messages (both ways): a key `name` carries the absolute value of a tensor; keys `name.U`,
 `name.S`, `name.V` carry a low-rank update to add. Down: a client that never synced gets the

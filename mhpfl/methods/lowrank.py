@@ -9,7 +9,7 @@ absolute value of the tensor.
 
 How the factors are computed (not what they are): the updates of a round are nearly low-rank
 (in the quick suite's setting, T = 0.95-0.98, k was 1-6 of 500 for CNN-5's fc1 and fc2), so only
-the top few singular triplets are needed, not a full SVD (which took 42% of such a FedKD run).
+the top few singular triplets are needed, not a full SVD (42% of such a FedKD run, profiled).
 In float64: the Gram matrix G = M M^T of M's shorter side (M^T M for a tall M) has the squared
 singular values as eigenvalues and the left singular vectors as eigenvectors, and trace(G) =
 ||M||_F^2 is the total energy. LAPACK's dsyevr computes only G's top q eigenpairs (q = 8, doubled
