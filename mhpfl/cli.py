@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from mhpfl.errors import Interrupted, UserError
+from mhpfl.results import SELECTED_ON_VALIDATION
 
 RUN_FLAGS = [
     # flag, RunConfig field, type, help
@@ -109,9 +110,26 @@ def _method_meta(name: str):
     return method_info(name) or get_method(name)
 
 
+def _how_selected(summary: dict) -> str:
+    """How a run's reported round was chosen: "best on validation", or the summary's reason it was
+    not (the final round, without validation data)."""
+    sel = summary.get("selection", SELECTED_ON_VALIDATION)
+    return "best on validation" if sel == SELECTED_ON_VALIDATION else sel
+
+
+def _verdict(summary: dict) -> str:
+    """"converged", "not converged", or "not judged" (no validation data, or too few evaluated rounds)."""
+    if summary["converged"]:
+        return "converged"
+    return "not judged" if "reason" in (summary.get("convergence") or {}) else "not converged"
+
+
 def _result_line(summary: dict, out) -> str:
+    """One line per finished run: the selected accuracy, how its round was chosen, the verdict."""
+    v = _verdict(summary)
+    verdict = {"converged": "", "not judged": "; convergence not judged"}.get(v, f"; {v}")
     return (f"{summary['method']}: acc {summary['selected_mean_acc']:.2f}% (round {summary['selected_round']}, "
-            f"best on validation{'' if summary['converged'] else '; not converged'})  "
+            f"{_how_selected(summary)}{verdict})  "
             f"best on test {_pct(summary['best_mean_acc'])}  "
             f"final {summary['final_mean_acc']:.2f}%  bytes up {summary['bytes_up']:,}  "
             f"down {summary['bytes_down']:,}  train FLOPs {summary['train_flops']:.3e}  -> {out}")
@@ -285,10 +303,11 @@ def cmd_compare(argv: list[str]) -> int:
         r = max(s["rounds_run"], 1)
         rows.append({"run": d, "method": s["method"], "seed": f.get("--seed"),
                      **{k: f.get(k, "") for k in differ}, "engine": s.get("engine", "inprocess"),
-                     "acc % (val-selected)": round(s["selected_mean_acc"], 2),
+                     "acc % (selected)": round(s["selected_mean_acc"], 2),
+                     "selected": f"round {s['selected_round']}, {_how_selected(s)}",
                      "best acc % (on test)": "n/a" if s["best_mean_acc"] is None else round(s["best_mean_acc"], 2),
                      "final acc %": round(s["final_mean_acc"], 2),
-                     "converged": s["converged"],
+                     "converged": _verdict(s),
                      "bytes up/round": s["bytes_up"] / r, "bytes down/round": s["bytes_down"] / r,
                      "train FLOPs/round": f"{s['train_flops'] / r:.3e}", "wall s": s["wall_seconds"]})
     print(pd.DataFrame(rows).to_markdown(index=False))

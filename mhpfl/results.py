@@ -16,6 +16,11 @@ from mhpfl.errors import UserError
 
 SUMMARY = "summary.json"
 
+# How a run's reported round was chosen (the summary's "selection"): the rounds >= 1 with the best
+# mean validation accuracy, or, where no client holds validation data, the final round.
+SELECTED_ON_VALIDATION = "best mean validation accuracy"
+SELECTED_FINAL_ROUND = "final round (no validation data)"
+
 # Fields the consumers of a summary rely on (the engine writes more): compare and check read
 # the first nine, the report the rest too.
 REQUIRED_FIELDS: tuple[str, ...] = (

@@ -59,7 +59,8 @@ def test_bench_caches_resumes_and_reports(tmp_path, data_root, capsys):
         acc = squash((out / "accuracy.md").read_text())
         assert "| crash | not run |" in acc and "Incomplete: 1 planned run" in acc
         alone = json.loads((out / "runs" / next(iter(done)) / "summary.json").read_text())
-        mark = "" if alone["converged"] else "‡"  # a 2-round run may not have converged
+        # a 2-round run may not have converged, or have no verdict
+        mark = "" if alone["converged"] else "§" if "reason" in alone["convergence"] else "‡"
         assert f"| Standalone | **{alone['selected_mean_acc']:.2f}**{mark} |" in acc
         before = {f: (out / f).read_bytes() for f in files if not f.endswith((".png", ".pdf"))}
 
@@ -212,3 +213,24 @@ def test_second_bench_into_same_folder_is_refused(tmp_path, data_root):
                 os._exit(0 if "another 'mhpfl bench'" in str(e) else 1)
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+@needs_fmnist
+def test_a_suite_without_validation_data_says_so_in_its_tables(tmp_path, data_root, capsys):
+    """When the public pool takes the whole held-out pool no client holds validation data (as in
+    benchmarks/vs-2aa251f/new.toml): each run is reported at its final round and has no
+    convergence verdict. The tables say that, not "validation-selected" and "did not converge"."""
+    # 2000 x train_fraction 0.05 = the 100 held out
+    suite = load_suite(str(write_suite(tmp_path, data_root, extra="val_size = 100\npublic_size = 2000")))
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False)
+    s = json.loads(next((out / "runs").glob("standalone-*/summary.json")).read_text())
+    assert s["selection"] == "final round (no validation data)" and s["selected_round"] == 2
+    assert s["converged"] is False and "reason" in s["convergence"]
+    write_report(out, do_plots=False)
+    acc = squash((out / "accuracy.md").read_text())
+    assert f"| Standalone | **{s['selected_mean_acc']:.2f}**§ |" in acc and "‡ |" not in acc
+    assert "§: the convergence of at least one seed was not judged" in acc
+    assert "reported at its final round instead" in acc
+    assert "reported at its final round instead" in (out / "headline.md").read_text()
+    assert r"$^\S$" in (out / "accuracy.tex").read_text()

@@ -95,3 +95,40 @@ def test_compare_shows_a_missing_best_on_test_as_not_available(tmp_path, capsys)
     assert main(["compare", str(tmp_path / "every"), str(tmp_path / "improved")]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if "standalone" in r]
     assert "91.5" in rows[0] and "n/a" in rows[1] and "nan" not in rows[1]
+
+
+def test_the_result_line_says_how_the_round_was_chosen_and_whether_convergence_was_judged():
+    from mhpfl.cli import _result_line
+
+    base = {"method": "standalone", "selected_mean_acc": 90.0, "selected_round": 7, "best_mean_acc": 91.0,
+            "final_mean_acc": 89.0, "bytes_up": 0, "bytes_down": 0, "train_flops": 1.0}
+    judged = {**base, "selection": "best mean validation accuracy", "converged": False,
+              "convergence": {"converged": False, "gain": 0.9}}
+    assert "(round 7, best on validation; not converged)" in _result_line(judged, "out")
+    assert "(round 7, best on validation)" in _result_line({**judged, "converged": True}, "out")
+    blind = {**base, "selection": "final round (no validation data)", "converged": False,
+             "convergence": {"converged": False, "gain": None, "reason": "too few evaluated rounds or no validation data"}}
+    line = _result_line(blind, "out")
+    assert "(round 7, final round (no validation data); convergence not judged)" in line
+    assert "best on validation" not in line
+
+
+def test_compare_says_how_each_round_was_chosen_and_which_verdicts_were_reached(tmp_path, capsys):
+    from mhpfl.cli import main
+    from mhpfl.results import REQUIRED_FIELDS
+
+    for name, sel, conv in (("val", "best mean validation accuracy", {"converged": True, "gain": 0.1}),
+                            ("noval", "final round (no validation data)",
+                             {"converged": False, "gain": None, "reason": "no validation data"})):
+        s = {f: 0 for f in REQUIRED_FIELDS}
+        s.update(method="standalone", config={"seed": 0, "val_size": 0 if name == "noval" else 100}, rounds_run=5,
+                 selected_round=5 if name == "noval" else 3, selection=sel, converged=conv["converged"],
+                 convergence=conv)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    assert main(["compare", str(tmp_path / "val"), str(tmp_path / "noval")]) == 0
+    out = capsys.readouterr().out
+    assert "val-selected" not in out
+    val, noval = (r for r in out.splitlines() if "standalone" in r)
+    assert "round 3, best on validation" in val and "| converged" in val
+    assert "round 5, final round (no validation data)" in noval and "not judged" in noval

@@ -15,12 +15,16 @@ METHODS = ["fedmd", "fd", "pfedlora"]
 ACCS = {"pfedlora": [80.0, 82.0, 84.0], "fd": [79.0, 80.0, 84.0], "fedmd": [90.0, 91.0, 92.0]}
 
 
-def results(converged: bool = True) -> Results:
+def results(converged: bool = True, unjudged: tuple[str, int] | None = None) -> Results:
+    """Three methods x three seeds in one setting; `unjudged` = (method, seed) of a run without
+    validation data (reported at its final round, no convergence verdict)."""
     rows = []
     for m in METHODS:
         for seed, a in enumerate(ACCS[m]):
+            blind = (m, seed) == unjudged
             row = {"setting": "S", "method": m, "seed": seed, "group": "main", "key": f"{m}{seed}",
-                   "converged": converged or m != "fd", "extra_data": "labelled public data" if m == "fedmd" else None,
+                   "converged": (converged or m != "fd") and not blind, "judged": not blind, "final_round": blind,
+                   "extra_data": "labelled public data" if m == "fedmd" else None,
                    "public_size": 120 if m == "fedmd" else None}
             row.update({col: a + i for i, col in enumerate(ACC_VIEWS)})  # each view a distinct number
             rows.append(row)
@@ -69,3 +73,37 @@ def test_every_method_in_the_curve_plots_has_its_own_line_look():
     methods = [f"m{i}" for i in range(25)]
     looks = [(tuple(c), style) for c, style in line_looks(_plt(), methods).values()]
     assert len(set(looks)) == len(methods)
+
+
+def test_a_run_without_a_convergence_verdict_is_marked_apart_from_one_that_did_not_converge():
+    """A run without validation data has no verdict (its summary says converged: false, with a
+    reason) and is reported at its final round: the table marks it § and says so, and calls no
+    cell unconverged that was not judged; tables of judged, validation-selected runs say neither."""
+    md, tex, _ = accuracy_tables(results(unjudged=("pfedlora", 1)))
+    main = squash(md.split("\n## ")[0])
+    assert "| pFedLoRA | 82.00 ± 2.00§ |" in main and "‡" not in main.split("\n\n")[1]
+    assert "§: the convergence of at least one seed was not judged (no validation data" in main
+    assert "reported at its final round instead" in main
+    final_view = md.split("\n## ")[-1]  # the last round's view: not a selection, so no final-round note
+    assert final_view.startswith(ACC_VIEWS["final_acc"][1][0].upper()) and "final round instead" not in final_view
+    assert "§: the convergence" in final_view
+    assert r"82.00 $\pm$ 2.00$^\S$" in tex
+    # both marks at once: FD unconverged by its verdict, and one seed unjudged
+    md, _, _ = accuracy_tables(results(converged=False, unjudged=("fd", 0)))
+    assert "| FD | 81.00 ± 2.65‡§ |" in squash(md.split("\n## ")[0])
+    plain, _, _ = accuracy_tables(results(converged=False))
+    assert "§" not in plain and "final round instead" not in plain
+
+
+def test_the_verdict_flags_of_runs():
+    """Unconverged = judged and not converged; a run without the judged / final_round fields
+    (loaded by hand, as in these tests) counts as judged and validation-selected."""
+    from mhpfl.benchmark.report import _flags
+
+    runs = pd.DataFrame({"converged": [True, False, False, False],
+                         "judged": [True, True, False, True], "final_round": [False, False, True, False]})
+    f = _flags(runs)
+    assert f["unconverged"].tolist() == [False, True, False, True]
+    assert f["unjudged"].tolist() == [False, False, True, False]
+    bare = _flags(runs.drop(columns=["judged", "final_round"]))
+    assert bare["unjudged"].tolist() == [False] * 4 and bare["unconverged"].tolist() == [False, True, True, True]

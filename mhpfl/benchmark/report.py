@@ -5,7 +5,9 @@ Definitions (also written into the files; the engine's protocol is in mhpfl/engi
   the round with the best mean validation accuracy; further views: the sample-weighted
   accuracy, the mean over clients that participated at least once (both at that round), the
   best mean test accuracy over rounds (the paper's, optimistic) and the final round's. Cells
-  are the mean ± sample std over seeds; a cell is marked when a seed's run did not converge.
+  are the mean ± sample std over seeds; a cell is marked when a seed's run did not converge (‡)
+  or its convergence could not be judged (§; a run without validation data is also reported at
+  its final round, and the caption says so).
 - methods that use data beyond the clients' own (FedMD's labelled public pool) are marked; the
   headline compares pFedLoRA with the best baseline that uses no extra data, and with each
   baseline through a paired 95% t-interval over seeds.
@@ -33,7 +35,7 @@ import pandas as pd
 
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_text
-from mhpfl.results import load_summary
+from mhpfl.results import SELECTED_FINAL_ROUND, load_summary
 
 PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
 # accuracy views of a run: column -> (summary field, what it is)
@@ -46,7 +48,8 @@ ACC_VIEWS = {
     "best_acc": ("best_mean_acc", "best mean test accuracy over rounds >= 1 (the paper's protocol: selected on test, optimistic)"),
     "final_acc": ("final_mean_acc", "mean test accuracy over all clients at the last round"),
 }
-DAGGER, UNCONVERGED = "†", "‡"
+DAGGER, UNCONVERGED, NOT_JUDGED = "†", "‡", "§"
+SELECTED_VIEWS = ("acc", "weighted_acc", "acc_participated")  # the views at the selected round
 DISPLAY = {"standalone": "Standalone", "fedavg": "FedAvg", "fedmd": "FedMD", "fedkd": "FedKD",
            "fml": "FML", "lgfedavg": "LG-FedAvg", "fd": "FD", "fedproto": "FedProto", "pfedlora": "pFedLoRA",
            "fedgh": "FedGH", "fedtgp": "FedTGP"}
@@ -103,6 +106,9 @@ def load(out: str | Path) -> Results:
                      "label": settings[e["setting"]]["label"],
                      **{col: s[field] for col, (field, _) in ACC_VIEWS.items()},
                      "selected_round": s["selected_round"], "converged": bool(s["converged"]),
+                     # no verdict: no validation data, or no evaluated round before or in the tail
+                     "judged": "reason" not in (s.get("convergence") or {}),
+                     "final_round": s.get("selection") == SELECTED_FINAL_ROUND,
                      "never_participated": s["never_participated"], "extra_data": s.get("extra_data"),
                      "public_size": s.get("public_size"),
                      "final_std_clients": s["final_std_acc"],
@@ -138,12 +144,42 @@ def methods_order(res: Results) -> list[str]:
 def accuracy_frame(res: Results) -> pd.DataFrame:
     """Per (setting, method): seeds, mean and sample std of every accuracy view, whether every
     seed converged, and the extra data the method uses."""
-    g = main_runs(res).groupby(["setting", "method"], sort=False)
+    g = _flags(main_runs(res)).groupby(["setting", "method"], sort=False)
     aggs = {"n_seeds": ("seed", "nunique"), "converged": ("converged", "all"),
+            "unconverged": ("unconverged", "any"), "unjudged": ("unjudged", "any"),
+            "final_round": ("final_round", "any"),
             "extra_data": ("extra_data", "first"), "public_size": ("public_size", "first")}
     for col in ACC_VIEWS:
         aggs[f"{col}_mean"], aggs[f"{col}_std"] = (col, "mean"), (col, "std")
     return g.agg(**aggs).reset_index()
+
+
+def _flags(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs with, per run, whether it did not converge by the verdict (`unconverged`), whether no
+    verdict could be reached (`unjudged`), and whether it was reported at its final round for lack
+    of validation data (`final_round`). Runs loaded without those fields count as judged."""
+    judged = runs["judged"] if "judged" in runs else pd.Series(True, index=runs.index)
+    final = runs["final_round"] if "final_round" in runs else pd.Series(False, index=runs.index)
+    return runs.assign(unconverged=judged.astype(bool) & ~runs["converged"].astype(bool),
+                       unjudged=~judged.astype(bool), final_round=final.astype(bool))
+
+
+def marks(unconverged: bool, unjudged: bool) -> str:
+    """A cell's convergence marks: ‡ a seed did not converge, § a seed's convergence was not judged."""
+    return (UNCONVERGED if unconverged else "") + (NOT_JUDGED if unjudged else "")
+
+
+def verdict_notes(flags: pd.DataFrame, col: str = "acc") -> str:
+    """The caption sentences for the marks and selections present in `flags` (rows with
+    unjudged / final_round columns): empty when every run was judged and validation-selected."""
+    text = ""
+    if flags["unjudged"].any():
+        text += (f" {NOT_JUDGED}: the convergence of at least one seed was not judged (no validation data, or no "
+                 "evaluated round in its last 20% of rounds or before them).")
+    if flags["final_round"].any() and col in SELECTED_VIEWS:
+        text += (" A run without validation data (no client holds a validation split) is reported at its final "
+                 "round instead.")
+    return text
 
 
 def paired_difference(res: Results, setting: str, ref: str, other: str, col: str = "acc") -> dict[str, Any]:
@@ -263,7 +299,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 def tex_escape(s: str) -> str:
     for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
                  ("±", r"$\pm$"), ("—", "--"), ("−", "$-$"), ("×", r"$\times$"), ("†", r"$^\dagger$"),
-                 ("‡", r"$^\ddagger$")):
+                 ("‡", r"$^\ddagger$"), ("§", r"$^\S$")):
         s = s.replace(a, b)
     return s
 
@@ -302,7 +338,7 @@ def _view(res: Results, acc: pd.DataFrame, col: str) -> tuple[list[str], list[li
                 row.append(DASH if m in skipped[s["name"]] or m not in s["methods"] else "not run")
                 continue
             mean, std = getattr(r, f"{col}_mean"), getattr(r, f"{col}_std")
-            row.append(f"{mean:.2f}" + (f" ± {std:.2f}" if r.n_seeds > 1 else "") + ("" if r.converged else UNCONVERGED))
+            row.append(f"{mean:.2f}" + (f" ± {std:.2f}" if r.n_seeds > 1 else "") + marks(r.unconverged, r.unjudged))
             if math.isclose(mean, best[s["name"]], abs_tol=1e-9):
                 bold.add((i, j + 1))
         rows.append(row)
@@ -312,7 +348,7 @@ def _view(res: Results, acc: pd.DataFrame, col: str) -> tuple[list[str], list[li
 def _bold_md(rows: list[list[str]], bold: set) -> list[list[str]]:
     """Markdown cells with the bold ones wrapped (a trailing mark stays outside the bold)."""
     def b(c: str) -> str:
-        core = c.rstrip(UNCONVERGED)
+        core = c.rstrip(UNCONVERGED + NOT_JUDGED)
         return f"**{core}**{c[len(core):]}"
     return [[b(c) if (i, j) in bold else c for j, c in enumerate(r)] for i, r in enumerate(rows)]
 
@@ -322,7 +358,7 @@ def _caption(res: Results, acc: pd.DataFrame, col: str) -> str:
     text = (f"{ACC_VIEWS[col][1][0].upper()}{ACC_VIEWS[col][1][1:]} (%); mean ± sample std over {seeds} seed(s) "
             f"(no ± with one seed). Best per column in bold. {UNCONVERGED}: at least one seed did not converge "
             "(the best mean validation accuracy of its last 20% of rounds beat the earlier best by 0.5 points or "
-            f"more). {DASH}: the method cannot run in that setting (zoo) or is not in it.")
+            f"more).{verdict_notes(acc, col)} {DASH}: the method cannot run in that setting (zoo) or is not in it.")
     ex = acc[acc["extra_data"].notna()]
     for m in dict.fromkeys(ex["method"]):
         sizes = ", ".join(f"{int(r.public_size)} samples in {_label(res, r.setting)}"
@@ -478,7 +514,7 @@ def headline(res: Results, cost: pd.DataFrame) -> str:
             f"\n## {R} minus each baseline, paired over seeds\n\n"
             + md_table(["Setting", "baseline", "seeds", "mean Δ (points)", "95% interval", "interval contains 0"], prow)
             + f"\nHow each number is computed:\n"
-            f"- accuracy: {ACC_VIEWS['acc'][1]}; mean over seeds.\n"
+            f"- accuracy: {ACC_VIEWS['acc'][1]}; mean over seeds.{verdict_notes(_flags(main_runs(res)))}\n"
             f"- Δ accuracy = {R}'s accuracy − the baseline's (points).\n"
             f"- paired interval: per seed, {R}'s accuracy minus the baseline's with the same seed (same partition "
             f"and participants); mean ± t(0.975, n−1) × sd / √n over the n seeds both ran.\n"
@@ -497,6 +533,7 @@ def headline(res: Results, cost: pd.DataFrame) -> str:
 
 def ablation_tables(res: Results) -> tuple[str, str]:
     abl = res.plan.get("ablations", [])
+    shown = _flags(res.runs[res.runs["group"].str.startswith("ablation:")])
     rows_md, csv_rows = [], []
     for a in abl:
         sub = res.runs[res.runs["group"] == f"ablation:{a['name']}"]
@@ -509,9 +546,9 @@ def ablation_tables(res: Results) -> tuple[str, str]:
             if r.empty:
                 rows.append([str(v), "not run", DASH, DASH])
                 continue
-            n = r["seed"].nunique()
+            n, f = r["seed"].nunique(), _flags(r)
             acc = (f"{r['acc'].mean():.2f}" + (f" ± {r['acc'].std():.2f}" if n > 1 else "")
-                   + ("" if r["converged"].all() else UNCONVERGED))
+                   + marks(bool(f["unconverged"].any()), bool(f["unjudged"].any())))
             rows.append([str(v) + (" (default)" if str(v) == str(a["default"]) else ""), acc,
                          si(r["flops_per_round"].mean()), si((r["up_per_round"] + r["down_per_round"]).mean(), "B")])
             csv_rows.append({"ablation": a["name"], "method": a["method"], "setting": a["setting"],
@@ -523,7 +560,8 @@ def ablation_tables(res: Results) -> tuple[str, str]:
                        + md_table([a["option"], "accuracy (%)", "FLOPs/round", "bytes/round"], rows))
     if not rows_md:
         return "", ""
-    note = (f"Accuracy: {ACC_VIEWS['acc'][1]}; mean ± sample std over seeds. {UNCONVERGED}: a seed did not converge.\n")
+    note = (f"Accuracy: {ACC_VIEWS['acc'][1]}; mean ± sample std over seeds. {UNCONVERGED}: a seed did not "
+            f"converge.{verdict_notes(shown)}\n")
     return (f"# Ablation: suite {res.plan['suite']}\n\n" + "\n".join(rows_md) + "\n" + note,
             pd.DataFrame(csv_rows).to_csv(index=False, float_format="%.6g"))
 
@@ -637,7 +675,8 @@ def plots(res: Results, out: Path) -> list[str]:
             label = next(s["label"] for s in res.plan["settings"] if s["name"] == a["setting"])
             ax.set_title(f"{disp(a['method'])}: {a['option']} ({label})")
             ax.set_xlabel(a["option"])
-            ax.set_ylabel("accuracy (%), validation-selected round")
+            ax.set_ylabel("accuracy (%), validation-selected round" if not _flags(sub)["final_round"].any()
+                          else "accuracy (%), selected round (final without validation data)")
             ax.grid(alpha=0.3)
         _save(fig, out, "ablation", written)
         plt.close(fig)

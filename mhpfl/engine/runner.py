@@ -51,6 +51,7 @@ from mhpfl.lean import lean_startup
 from mhpfl.messages import Message, Upload, message_bytes
 from mhpfl.methods import Method, get_method
 from mhpfl.models import zoo_archs
+from mhpfl.results import SELECTED_FINAL_ROUND, SELECTED_ON_VALIDATION
 from mhpfl.seeding import np_rng, seed_torch
 
 TIMING_FIELDS = ("wall_seconds",)
@@ -248,8 +249,8 @@ class Recorder:
         trained = [i for i, r in enumerate(self.rows) if r["round"] >= 1] or [len(self.rows) - 1]
         val = np.array([self.rows[i][f"mean_val_acc{sfx}"] for i in trained], dtype=float)
         if np.all(np.isnan(val)):
-            return trained[-1], "final round (no validation data)"
-        return trained[int(np.nanargmax(val))], "best mean validation accuracy"
+            return trained[-1], SELECTED_FINAL_ROUND
+        return trained[int(np.nanargmax(val))], SELECTED_ON_VALIDATION
 
     def convergence(self) -> dict[str, Any]:
         rounds = np.array([r["round"] for r in self.rows])
