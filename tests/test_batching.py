@@ -8,46 +8,12 @@ import torch.nn.functional as F
 
 from mhpfl.engine.batching import Batcher, group_key
 from mhpfl.engine.context import FitRun
-from mhpfl.engine.runner import Federation, Recorder
 from mhpfl.errors import NonFiniteLoss, UserError
 from mhpfl.methods import BUILTIN
+from tests._engine_util import FLOAT32_TOL, SHORT, assert_same, play
 from tests.conftest import needs_fmnist, synthetic_client
 
-# what keeps a round short: FedMD's transfer learning is many epochs of l1/CE steps
-SHORT = {"fedmd": dict(transfer_public_epochs=1, transfer_private_epochs=1, digest_epochs=1)}
-# FedMD's digest minimises an l1 loss, whose gradient is the sign of (logit - consensus): a rounding
-# difference on a logit near its target flips a term of the gradient, so its float32 results differ
-# by whole flipped terms, not by rounding (1e-7 to 7e-4 per client on an Intel Xeon, 8e-5 on an AMD
-# EPYC). A wrong step (one step with a neighbour's batch) moves it by 1.6e-2 or more; the float64 test
-# below holds FedMD to 1e-10.
-FLOAT32_TOL = {"fedmd": 4e-3}
 NOT_BATCHED = {"fd"}  # on CPU its distillation term branches on data (`if not mask.any()`): vmap rejects it
-
-
-def play(cfg, rounds: int, double: bool = False):
-    """Build a federation, play `rounds` rounds; every client's parameters (flat), the bytes
-    sent, the FLOPs charged and how many steps were computed batched."""
-    if double:
-        torch.set_default_dtype(torch.float64)
-    try:
-        fed = Federation.build(cfg)
-        if double:
-            for s in {id(s): s for c in fed.clients for s in (c.data.train, c.data.val, c.data.test, c.public)}.values():
-                s.x = s.x.double()
-        rec = Recorder(cfg, fed.method, [c.arch for c in fed.clients], [c.num_train for c in fed.clients])
-        for r in range(1, rounds + 1):
-            fed.play_round(r, rec)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    params = [torch.cat([p.detach().flatten() for m in c.modules for p in m.parameters()]) for c in fed.clients]
-    return params, dict(rec.pending), fed.meter.total, fed.batcher.batched_steps if fed.batcher else 0
-
-
-def assert_same(a, b, tol):
-    for i, (p, q) in enumerate(zip(a, b)):
-        assert p.shape == q.shape
-        err = float((p - q).abs().max() / p.abs().max())
-        assert err <= tol, f"client {i}: batched parameters differ by {err:.2e} (relative)"
 
 
 @needs_fmnist

@@ -23,7 +23,7 @@ pytest.importorskip("flwr")
 from mhpfl.cli import main  # noqa: E402
 from mhpfl.engine import run  # noqa: E402
 from tests.conftest import needs_fmnist  # noqa: E402
-from tests.test_flower_engine import small  # noqa: E402
+from tests._engine_util import small  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

@@ -19,23 +19,13 @@ telemetry_off()
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from mhpfl.config import RunConfig  # noqa: E402
 from mhpfl.engine import run  # noqa: E402
 from mhpfl.methods import BUILTIN  # noqa: E402
+from tests._engine_util import small  # noqa: E402
 from tests.conftest import needs_fmnist  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENGINE_FIELDS = ("engine", "engine_version", "flower", "wall_seconds")
-
-
-def small(method: str, data_root: str, **kw) -> RunConfig:
-    """The fixed small configuration: Fashion-MNIST, 5 clients, 3 rounds, evaluated before
-    training and after the last round (evaluation dominates the time; CI runs this)."""
-    opts = {"public_subset": 200, "transfer_public_epochs": 1, "transfer_private_epochs": 1} if method == "fedmd" else {}
-    base = dict(method=method, dataset="fmnist", clients=5, frac=1.0, rounds=3, train_fraction=0.05,
-                batch_size=32, seed=0, data_root=data_root, download=False, public_size=1000,
-                zoo="homo" if method == "fedavg" else "hetero", eval_every=3, method_options=opts)
-    return RunConfig(**{**base, **kw})
 
 
 @needs_fmnist

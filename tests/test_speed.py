@@ -18,6 +18,7 @@ from mhpfl.config import RunConfig
 from mhpfl.datasets import Split
 from mhpfl.errors import NonFiniteLoss, UserError
 from mhpfl.models import build_model
+from tests._engine_util import EVERY_METHOD
 from tests.conftest import needs_fmnist, synthetic_client
 
 
@@ -69,12 +70,8 @@ def test_precision_autocasts_forward_passes_only(precision, dtype):
     assert c.infer(c.model, c.data.train).dtype == torch.float32
 
 
-EVERY_METHOD = ["standalone", "fedavg", "fedmd", "fedkd", "fml", "lgfedavg", "fd", "fedproto", "fedgh",
-                "fedtgp", "pfedlora"]
-
-
 def test_every_method_is_every_built_in_method():
-    """The per-method speed tests here and in test_gpu.py cover a method added later too."""
+    """The per-method tests (here, test_gpu.py) cover a method added later too."""
     from mhpfl.methods import BUILTIN
 
     assert sorted(EVERY_METHOD) == sorted(BUILTIN)
