@@ -10,7 +10,7 @@ from mhpfl.engine.batching import Batcher, group_key
 from mhpfl.engine.context import FitRun
 from mhpfl.errors import NonFiniteLoss, UserError
 from mhpfl.methods import BUILTIN
-from tests._engine_util import FLOAT32_TOL, SHORT, assert_same, play
+from tests._engine_util import SHORT, assert_same, float32_tol, play
 from tests.conftest import needs_fmnist, synthetic_client
 
 NOT_BATCHED = {"fd"}  # on CPU its distillation term branches on data (`if not mask.any()`): vmap rejects it
@@ -25,7 +25,7 @@ def test_batched_round_equals_one_at_a_time(tiny_cfg, one_thread, method):
     kw = dict(zoo="homo", train_fraction=0.02, rounds=1, method_options=SHORT.get(method, {}))
     alone = play(tiny_cfg(method, **kw), 1)
     together = play(tiny_cfg(method, batch_clients=True, **kw), 1)
-    assert_same(alone[0], together[0], FLOAT32_TOL.get(method, 3e-4))
+    assert_same(alone[0], together[0], float32_tol(method))
     assert together[1] == alone[1] and together[2] == alone[2]
     assert alone[3] == 0
     assert (together[3] == 0) if method in NOT_BATCHED else (together[3] > 0)

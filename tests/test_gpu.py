@@ -25,7 +25,7 @@ import torch
 
 from mhpfl.config import RunConfig
 from tests.conftest import HAVE_FMNIST, strip_timing
-from tests._engine_util import EVERY_METHOD, FLOAT32_TOL, SHORT, assert_same, play
+from tests._engine_util import EVERY_METHOD, SHORT, assert_same, float32_tol, play
 
 DEVICE = os.environ.get("MHPFL_GPU_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -133,7 +133,7 @@ def test_batched_round_equals_one_at_a_time_on_the_device(method, cfg):
     alone = play(cfg(method, **kw), 1)
     together = play(cfg(method, batch_clients=True, **kw), 1)
     assert together[3] > 0 or (method == "fd" and DEVICE == "cpu")  # on CPU FD branches on data
-    assert_same(alone[0], together[0], FLOAT32_TOL.get(method, 3e-4))
+    assert_same(alone[0], together[0], float32_tol(method))
     assert together[1:3] == alone[1:3]
 
 
