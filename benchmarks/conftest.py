@@ -57,7 +57,9 @@ def pytest_terminal_summary(terminalreporter):
               f"{v['train_speedup']:.2f}x, eval pass {v['eval_speedup']:.2f}x (> 1: compiled is faster)")
     if "startup" in PEAK:
         w(f"fixed cost (process start -> federation built: imports, data, models, FLOP analysis): "
-          f"{PEAK['fixed']:.2f} s; with the round-0 evaluation: {PEAK['startup']:.2f} s")
+          f"{PEAK['fixed']:.2f} s; with the round-0 evaluation: {PEAK['startup']:.2f} s"
+          + (f"; a later run in the same process (a bench worker's): {PEAK['fixed_warm']:.2f} s"
+             if "fixed_warm" in PEAK else ""))
     if RESULTS:
         w(f"{'method':<12}{'s/round':>9}{'floor':>9}{'ratio':>7}{'GFLOP/s':>9}{'floor train':>13}"
           f"{'floor eval':>12}{'% peak':>8}{'floor SVD s':>13}")

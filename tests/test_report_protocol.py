@@ -107,3 +107,27 @@ def test_the_verdict_flags_of_runs():
     assert f["unjudged"].tolist() == [False, False, True, False]
     bare = _flags(runs.drop(columns=["judged", "final_round"]))
     assert bare["unjudged"].tolist() == [False] * 4 and bare["unconverged"].tolist() == [False, True, True, True]
+
+
+def test_the_csvs_leave_converged_empty_where_no_verdict_was_reached():
+    """runs.csv and accuracy.csv: True / False by the verdict, empty for a run (or a cell of seeds)
+    not judged, so an unjudged run never reads as one that failed to converge."""
+    from io import StringIO
+
+    from mhpfl.benchmark.report import runs_csv
+
+    res = results(converged=False, unjudged=("pfedlora", 1))
+    extra = {"run_id": "r", "value": "", "selected_round": 1, "never_participated": 0, "bytes_up": 1,
+             "bytes_down": 1, "train_flops": 1, "setup_flops": 0, "rounds": 1, "participants": 1,
+             "flops_per_round": 1, "up_per_round": 1, "down_per_round": 1, "wall_seconds": 1}
+    res.runs = res.runs.assign(**extra)
+    runs = pd.read_csv(StringIO(runs_csv(res)))
+    got = {(r.method, r.seed): r.converged for r in runs.itertuples()}
+    assert got[("pfedlora", 0)] is True and got[("fedmd", 2)] is True
+    assert got[("fd", 1)] is False and pd.isna(got[("pfedlora", 1)])
+    _, _, csv = accuracy_tables(res)
+    cells = pd.read_csv(StringIO(csv)).set_index("method")["converged"]
+    assert cells["fedmd"] is True and cells["fd"] is False and pd.isna(cells["pfedlora"])
+    # a cell with a failed seed is False even if another seed was not judged
+    _, _, csv = accuracy_tables(results(converged=False, unjudged=("fd", 0)))
+    assert pd.read_csv(StringIO(csv)).set_index("method")["converged"]["fd"] is False

@@ -145,13 +145,14 @@ def accuracy_frame(res: Results) -> pd.DataFrame:
     """Per (setting, method): seeds, mean and sample std of every accuracy view, whether every
     seed converged, and the extra data the method uses."""
     g = _flags(main_runs(res)).groupby(["setting", "method"], sort=False)
-    aggs = {"n_seeds": ("seed", "nunique"), "converged": ("converged", "all"),
+    aggs = {"n_seeds": ("seed", "nunique"),
             "unconverged": ("unconverged", "any"), "unjudged": ("unjudged", "any"),
             "final_round": ("final_round", "any"),
             "extra_data": ("extra_data", "first"), "public_size": ("public_size", "first")}
     for col in ACC_VIEWS:
         aggs[f"{col}_mean"], aggs[f"{col}_std"] = (col, "mean"), (col, "std")
-    return g.agg(**aggs).reset_index()
+    acc = g.agg(**aggs).reset_index()
+    return acc.assign(converged=verdict(acc))
 
 
 def _flags(runs: pd.DataFrame) -> pd.DataFrame:
@@ -162,6 +163,12 @@ def _flags(runs: pd.DataFrame) -> pd.DataFrame:
     final = runs["final_round"] if "final_round" in runs else pd.Series(False, index=runs.index)
     return runs.assign(unconverged=judged.astype(bool) & ~runs["converged"].astype(bool),
                        unjudged=~judged.astype(bool), final_round=final.astype(bool))
+
+
+def verdict(flags: pd.DataFrame) -> pd.Series:
+    """The CSVs' `converged` column from `_flags` (per run or per cell): True, False where a judged
+    run did not converge, and empty (no verdict) where nothing judged failed but a run was not judged."""
+    return (~flags["unconverged"]).astype("boolean").mask(flags["unjudged"] & ~flags["unconverged"])
 
 
 def marks(unconverged: bool, unjudged: bool) -> str:
@@ -750,6 +757,15 @@ def check_target(target: float | None, flag: str = "--target") -> None:
         raise UserError(f"{flag} must be an accuracy in percent, in (0, 100] (got {target:g})")
 
 
+def runs_csv(res: Results) -> str:
+    """runs.csv: one row per run; `converged` is empty for a run whose convergence was not judged."""
+    cols = ["run_id", "group", "setting", "method", "seed", "value", "key", *ACC_VIEWS, "selected_round",
+            "converged", "never_participated", "extra_data", "public_size",
+            "bytes_up", "bytes_down", "train_flops", "setup_flops", "rounds", "participants",
+            "flops_per_round", "up_per_round", "down_per_round", "wall_seconds"]
+    return res.runs.assign(converged=verdict(_flags(res.runs)))[cols].to_csv(index=False, float_format="%.6g")
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def write_report(out: str | Path, target: float | None = None, do_plots: bool = True) -> list[str]:
     """Write every table, plot and the README into `out`; return the file names written."""
@@ -770,11 +786,7 @@ def write_report(out: str | Path, target: float | None = None, do_plots: bool = 
     put("headline.md", headline(res, cost))
     amd, acsv = ablation_tables(res)
     put("ablation.md", amd), put("ablation.csv", acsv)
-    cols = ["run_id", "group", "setting", "method", "seed", "value", "key", *ACC_VIEWS, "selected_round",
-            "converged", "never_participated", "extra_data", "public_size",
-            "bytes_up", "bytes_down", "train_flops", "setup_flops", "rounds", "participants",
-            "flops_per_round", "up_per_round", "down_per_round", "wall_seconds"]
-    put("runs.csv", res.runs[cols].to_csv(index=False, float_format="%.6g"))
+    put("runs.csv", runs_csv(res))
     if do_plots:
         files += plots(res, out)
     put("README.md", readme(res, files))
