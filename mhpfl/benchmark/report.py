@@ -143,7 +143,8 @@ def methods_order(res: Results) -> list[str]:
 
 def accuracy_frame(res: Results) -> pd.DataFrame:
     """Per (setting, method): seeds, mean and sample std of every accuracy view, whether every
-    seed converged, and the extra data the method uses."""
+    seed converged (`verdict`: empty if a seed was not judged and none failed), and the extra
+    data the method uses."""
     g = _flags(main_runs(res)).groupby(["setting", "method"], sort=False)
     aggs = {"n_seeds": ("seed", "nunique"),
             "unconverged": ("unconverged", "any"), "unjudged": ("unjudged", "any"),
