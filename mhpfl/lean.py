@@ -101,7 +101,8 @@ class SGD(torch.optim.SGD):
     Two copies of the gradients are not made; the arithmetic is torch's, bit for bit (tested):
     - weight decay is added to each gradient in place (`grad.add_(param, alpha=wd)`, the kernel
       torch runs as `grad.add(param, alpha=wd)` into a new tensor), and torch's update then runs
-      with weight decay 0 (CNN-1: 2.5 M parameters per step not allocated and written);
+      with weight decay 0 (CNN-1: 2.0 M parameters on Fashion-MNIST, 2.6 M on CIFAR, per step not
+      allocated and written);
     - at the first step with momentum, torch's buffer is a copy of the (decayed) gradient and the
       parameter moves by -lr times it: here torch's update runs with momentum 0, which moves the
       parameter by -lr times the gradient itself, and the gradient tensor becomes the buffer
