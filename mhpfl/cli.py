@@ -14,7 +14,7 @@ from mhpfl.results import SELECTED_ON_VALIDATION
 
 RUN_FLAGS = [
     # flag, RunConfig field, type, help
-    ("--dataset", "dataset", str, "fmnist | cifar10 | cifar100"),
+    ("--dataset", "dataset", str, "fmnist | mnist | kmnist | cifar10 | cifar100 (see mhpfl list)"),
     ("--clients", "clients", int, "number of clients N; with --partition pathological:K, N*K must be "
                                   "divisible by the number of classes (10, or 100 on cifar100)"),
     ("--frac", "frac", float, "fraction C of clients sampled per round, in (0, 1]"),

@@ -226,7 +226,7 @@ def test_a_suite_without_validation_data_says_so_in_its_tables(tmp_path, data_ro
     run_suite(suite, out, progress=False)
     s = json.loads(next((out / "runs").glob("standalone-*/summary.json")).read_text())
     assert s["selection"] == "final round (no validation data)" and s["selected_round"] == 2
-    assert s["converged"] is False and "reason" in s["convergence"]
+    assert s["converged"] is None and "reason" in s["convergence"]
     write_report(out, do_plots=False)
     acc = squash((out / "accuracy.md").read_text())
     assert f"| Standalone | **{s['selected_mean_acc']:.2f}**§ |" in acc and "‡ |" not in acc
@@ -234,3 +234,19 @@ def test_a_suite_without_validation_data_says_so_in_its_tables(tmp_path, data_ro
     assert "reported at its final round instead" in acc
     assert "reported at its final round instead" in (out / "headline.md").read_text()
     assert r"$^\S$" in (out / "accuracy.tex").read_text()
+
+
+@needs_fmnist
+def test_settings_that_share_a_label_get_their_names_in_the_tables(tmp_path, data_root):
+    """Two settings that differ only where the column label does not look (here: rounds) once
+    made one column header twice, and the report stopped in pandas' Styler with a traceback."""
+    p = write_suite(tmp_path, data_root, extra="rounds = 1\n[[settings]]\nname = 'B'")
+    suite = load_suite(str(p))
+    assert [s.label for s in suite.settings] == ["FMNIST (5, 100%) [A]", "FMNIST (5, 100%) [B]"]
+    assert [s.label for s in load_suite(str(write_suite(tmp_path, data_root, name="one"))).settings] == [
+        "FMNIST (5, 100%)"]
+    out = tmp_path / "out"
+    run_suite(suite, out, progress=False)
+    write_report(out)
+    acc = (out / "accuracy.md").read_text()
+    assert "FMNIST (5, 100%) [A]" in acc and "FMNIST (5, 100%) [B]" in acc

@@ -40,6 +40,17 @@ def test_bad_suites_give_one_line_errors(tmp_path, data_root):
         load_suite("nosuchsuite")
 
 
+def test_a_folder_named_like_a_suite_does_not_hide_it(tmp_path, monkeypatch):
+    """`mhpfl bench quick --out quick` a second time, or `mhpfl check` inside results/ (which
+    holds smoke/): the name is the shipped suite, not the folder in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "mine").mkdir()
+    assert load_suite("smoke").name == "smoke"
+    with pytest.raises(UserError, match="'mine' is a folder, not a suite file"):
+        load_suite("mine")
+
+
 def test_cli_bad_suite_is_one_line(tmp_path, data_root, capsys):
     p = write_suite(tmp_path, data_root, extra="colour = 1")
     assert main(["bench", str(p), "--out", str(tmp_path / "o")]) == 2

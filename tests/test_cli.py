@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from tests.conftest import needs_fmnist
+from mhpfl.datasets.loaders import DEBIAN_FMNIST
 
 
 def mhpfl(*args, env=None, cwd=None):
@@ -36,6 +37,10 @@ def test_list_shows_methods_datasets_zoos():
 def test_run_help_documents_method_options():
     p = mhpfl("run", "pfedlora", "--help")
     assert p.returncode == 0 and "--rank" in p.stdout and "pfedlora options" in p.stdout
+    from mhpfl.datasets.loaders import DATASETS
+
+    flat = " ".join(p.stdout.split())
+    assert all(f" {name} " in flat for name in DATASETS), flat  # --dataset names every loader
 
 
 @pytest.mark.parametrize("args,needles", [
@@ -68,6 +73,19 @@ def test_missing_cifar_names_the_file_and_directory(tmp_path):
     p = mhpfl("run", "standalone", "--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download",
               "--rounds", "1", "--out", str(tmp_path / "out"))
     assert_one_line_error(p, "cifar-10-python.tar.gz", str(tmp_path))
+
+
+@pytest.mark.skipif(not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                    reason="needs Debian's dataset-fashion-mnist to stage from")
+def test_a_data_root_fashion_mnist_cannot_be_staged_into_is_one_line(tmp_path):
+    """Debian's Fashion-MNIST is decompressed into the data root; where that cannot be written
+    (a read-only root; here a file where its folder must go, which root cannot write past
+    either) the run stops with one line, not an OSError traceback."""
+    (tmp_path / "FashionMNIST").write_text("")
+    p = mhpfl("run", "standalone", "--data-root", str(tmp_path), "--no-download", "--rounds", "1",
+              "--out", str(tmp_path / "out"))
+    assert_one_line_error(p, "cannot decompress Debian's Fashion-MNIST into", "--data-root")
+    assert (tmp_path / "FashionMNIST").is_file() and not (tmp_path / "out" / "summary.json").exists()
 
 
 PLUGIN = textwrap.dedent('''

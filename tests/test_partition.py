@@ -87,3 +87,11 @@ def test_apply_shares_never_gives_a_sample_twice():
     parts = apply_shares(y, np.arange(len(y)), shares, np_rng(0, "a"))
     allidx = np.concatenate(parts)
     assert len(allidx) == len(np.unique(allidx)) == len(y)
+
+
+def test_a_public_pool_larger_than_the_held_out_one_says_how_to_drop_it():
+    """--val-size 0 with the default public pool (a client's mean private set): the error names
+    both ways out, including --public-size 0 for runs whose methods use no public data."""
+    with pytest.raises(UserError, match=r"public pool \(300 samples.*--val-size 0\).*--public-size \(0 where"):
+        make_partition(fake_labels(3000), fake_labels(500), 10, 10, PartitionSpec.parse("pathological:2"),
+                       seed=0, val_size=0, public_size=300)

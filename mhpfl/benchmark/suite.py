@@ -72,7 +72,7 @@ RUN_FIELDS = {f.name: f for f in fields(RunConfig) if f.name not in ("method", "
 @dataclass
 class Setting:
     name: str
-    label: str  # column header: dataset (N, C) [zoo]
+    label: str  # column header: dataset [zoo] (N, C), and [name] where two settings share that
     overrides: dict[str, Any]
     methods: list[str]
     seeds: list[int]
@@ -144,17 +144,19 @@ def shipped_suites() -> list[str]:
 
 
 def suite_path(name_or_path: str) -> tuple[str, str]:
-    """(source description, TOML text) of a shipped suite name or a file path."""
+    """(source description, TOML text) of a shipped suite name or a file path. A folder is never
+    a suite: `mhpfl bench quick --out quick`, or `mhpfl check` run inside results/ (which holds
+    smoke/), means the shipped suite, not the folder of that name."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():
         if not p.is_file():
             raise UserError(f"suite file {p} not found; pass a shipped suite "
                             f"({', '.join(shipped_suites())}) or a path to a .toml file")
         return str(p), p.read_text()
     res = resources.files("mhpfl.benchmark").joinpath("suites", f"{name_or_path}.toml")
     if not res.is_file():
-        raise UserError(f"unknown suite '{name_or_path}'; choose one of {', '.join(shipped_suites())} "
-                        "or pass a path to a .toml file")
+        what = f"'{name_or_path}' is a folder, not a suite file" if p.exists() else f"unknown suite '{name_or_path}'"
+        raise UserError(f"{what}; choose one of {', '.join(shipped_suites())} or pass a path to a .toml file")
     return f"mhpfl/benchmark/suites/{name_or_path}.toml", res.read_text()
 
 
@@ -359,6 +361,10 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
         for m in s_opts:  # an unknown method named in the setting's options is an error
             _method_cls(f"{sw}: method_options", m, only_available)
         settings.append(setting)
+    shared = [x.label for x in settings]
+    for x in settings:  # settings that differ only where the label does not look (rounds, data share)
+        if shared.count(x.label) > 1:
+            x.label = f"{x.label} [{x.name}]"
 
     ablations = []
     for i, a in enumerate(raw.get("ablations", [])):

@@ -87,12 +87,21 @@ def _stage_debian_fmnist(root: Path) -> None:
         return
     if not all((DEBIAN_FMNIST / f"{f}.gz").exists() for f in FMNIST_FILES):
         return
-    raw.mkdir(parents=True, exist_ok=True)
-    for f in FMNIST_FILES:
-        tmp = raw / f".{f}.{os.getpid()}.tmp"  # concurrent runs stage side by side
-        with gzip.open(DEBIAN_FMNIST / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        tmp.replace(raw / f)
+    tmp = None
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in FMNIST_FILES:
+            tmp = raw / f".{f}.{os.getpid()}.tmp"  # concurrent runs stage side by side
+            with gzip.open(DEBIAN_FMNIST / f"{f}.gz", "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(raw / f)
+            tmp = None
+    except OSError as e:  # a read-only or full data root, or a file where a folder must go
+        raise UserError(f"fmnist: cannot decompress Debian's Fashion-MNIST into {raw} "
+                        f"({e.strerror or type(e).__name__}); pass a writable --data-root DIR") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _cifar_problem(cls, root: Path) -> str | None:

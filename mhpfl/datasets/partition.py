@@ -145,8 +145,9 @@ def make_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classe
     training pool and the test set over clients with one share matrix."""
     n = len(train_labels)
     if public_size > val_size:
-        raise UserError(f"--public-size {public_size} is larger than the held-out pool "
-                        f"--val-size {val_size}; raise --val-size or lower --public-size")
+        raise UserError(f"the public pool ({public_size} samples: --public-size, by default a client's mean "
+                        f"private set) does not fit in the held-out pool (--val-size {val_size}); raise "
+                        "--val-size, or lower --public-size (0 where no method uses public data; FedMD does)")
     if val_size >= n:
         raise UserError(f"--val-size {val_size} leaves no training data ({n} samples)")
     order = np_rng(seed, "holdout").permutation(n)

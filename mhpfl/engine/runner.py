@@ -257,7 +257,7 @@ class Recorder:
         val = np.array([r["mean_val_acc"] for r in self.rows], dtype=float)
         tail = rounds > (1 - CONVERGENCE_TAIL) * self.cfg.rounds
         if not tail.any() or tail.all() or np.all(np.isnan(val[tail])) or np.all(np.isnan(val[~tail])):
-            return {"converged": False, "gain": None, "reason": "too few evaluated rounds or no validation data"}
+            return {"converged": None, "gain": None, "reason": "too few evaluated rounds or no validation data"}
         gain = float(np.nanmax(val[tail]) - np.nanmax(val[~tail]))
         return {"converged": gain < CONVERGENCE_POINTS, "gain": gain, "threshold": CONVERGENCE_POINTS,
                 "tail_from_round": int(rounds[tail].min())}
