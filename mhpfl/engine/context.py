@@ -6,8 +6,8 @@ that is not being trained, clips gradients, stops on a non-finite loss (checked 
 no host sync per step), autocasts to the run's --precision and charges every step's FLOPs
 (forward and the backward autograd really runs) to the meter. Its steps are `FitRun`'s, which
 the batched engine (--batch-clients) drives for many clients at once. Evaluation goes through
-`Client.correct` / `Client.correct_heads` (inference mode, INFER_BATCH, one sync). Methods describe *what* to train and
-*with which loss*; never how to loop.
+`Client.correct` / `Client.correct_heads` (inference mode, INFER_BATCH, one sync). Methods
+describe *what* to train and *with which loss*; never how to loop.
 """
 from __future__ import annotations
 
