@@ -88,6 +88,26 @@ def test_a_data_root_fashion_mnist_cannot_be_staged_into_is_one_line(tmp_path):
     assert (tmp_path / "FashionMNIST").is_file() and not (tmp_path / "out" / "summary.json").exists()
 
 
+@pytest.mark.parametrize("damage", [b"not gzip at all", "truncated"])
+def test_a_damaged_debian_package_file_is_named_not_blamed_on_the_data_root(tmp_path, monkeypatch, damage):
+    """A damaged .gz in Debian's package (not an unwritable data root) says to reinstall it."""
+    import gzip
+
+    from mhpfl.datasets import loaders
+    from mhpfl.errors import UserError
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    for f in loaders.FMNIST_FILES:
+        (pkg / f"{f}.gz").write_bytes(gzip.compress(b"x" * 1000))
+    bad = pkg / f"{loaders.FMNIST_FILES[0]}.gz"
+    bad.write_bytes(bad.read_bytes()[:20] if damage == "truncated" else damage)
+    monkeypatch.setattr(loaders, "DEBIAN_FMNIST", pkg)
+    with pytest.raises(UserError, match="is damaged .*apt-get install --reinstall dataset-fashion-mnist"):
+        loaders._stage_debian_fmnist(tmp_path / "root")
+    assert not [p for p in (tmp_path / "root").rglob("*.tmp")]  # no half-written file left
+
+
 PLUGIN = textwrap.dedent('''
     import torch.nn.functional as F
     from mhpfl.engine import weighted_average

@@ -96,7 +96,12 @@ def _stage_debian_fmnist(root: Path) -> None:
                 shutil.copyfileobj(src, dst)
             tmp.replace(raw / f)
             tmp = None
-    except OSError as e:  # a read-only or full data root, or a file where a folder must go
+    except (OSError, EOFError) as e:
+        if getattr(e, "errno", None) is None:  # gzip's BadGzipFile or a truncated file: the package's
+            raise UserError(f"fmnist: a file of Debian's Fashion-MNIST in {DEBIAN_FMNIST} is damaged "
+                            f"({type(e).__name__}: {e}); reinstall it: apt-get install --reinstall "
+                            "dataset-fashion-mnist") from None
+        # a read-only or full data root, or a file where a folder must go
         raise UserError(f"fmnist: cannot decompress Debian's Fashion-MNIST into {raw} "
                         f"({e.strerror or type(e).__name__}); pass a writable --data-root DIR") from None
     finally:
