@@ -91,6 +91,11 @@ def test_stand_ins_are_written_only_for_the_absent_datasets(tmp_path, monkeypatc
     assert data == "CIFAR-10; CIFAR-100-shaped random stand-in (real data absent)"
     assert (tmp_path / "tmp" / "cifar-10-batches-py").resolve() == (real / "cifar-10-batches-py").resolve()
     assert dataset_present("cifar100", root) and dataset_present("cifar10", root)
+    # only the stand-in written here skips the MD5 check: a real file (linked in) keeps it
+    batch = "cifar-10-batches-py/data_batch_1"
+    assert cifar.check_integrity(str(tmp_path / "tmp" / "cifar-100-python" / "train"), "0" * 32)
+    assert not cifar.check_integrity(str(tmp_path / "tmp" / batch), "0" * 32)
+    assert not cifar.check_integrity(str(real / batch), "0" * 32)
 
 
 def test_projection_adds_up_the_suite_runs_measured():
