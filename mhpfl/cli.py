@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from mhpfl.errors import Interrupted, UserError
+from mhpfl.errors import ArgumentParser, Interrupted, UserError, did_you_mean
 from mhpfl.results import SELECTED_ON_VALIDATION
 
 RUN_FLAGS = [
@@ -52,17 +52,19 @@ def _method_options_group(parser: argparse.ArgumentParser, method_cls) -> None:
     for name, opt in method_cls.options.items():
         extra = {"choices": opt.choices} if opt.choices else {}
         g.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", metavar=type(opt.default).__name__.upper(),
-                       type=_opt_parser(name, opt), default=None,
+                       type=_opt_parser(opt), default=None,
                        help=f"{opt.help} (default: {opt.default}"
                             + (f"; in {opt.interval})" if opt.interval else ")"), **extra)
 
 
-def _opt_parser(name, opt):
+def _opt_parser(opt):
     def parse(text):
         try:
             return opt.parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {e}") from None
+        except ValueError as e:  # argparse names the option; say what was wrong, as for its own types
+            number = opt.type is None and type(opt.default) in (int, float)
+            raise argparse.ArgumentTypeError(f"invalid {type(opt.default).__name__} value: {text!r}" if number
+                                             else str(e)) from None
     return parse
 
 
@@ -70,7 +72,8 @@ def _run_parser(method_cls=None) -> argparse.ArgumentParser:
     from mhpfl.config import RunConfig
 
     defaults = RunConfig(method="-")
-    p = argparse.ArgumentParser(prog="mhpfl run", description="Run one federated experiment.")
+    p = ArgumentParser(prog="mhpfl run", description="Run one federated experiment.",
+                       see=f"mhpfl run {method_cls.name if method_cls else 'METHOD'} --help")
     p.add_argument("method", help="method name (see 'mhpfl list')")
     for flag, field, typ, help_ in RUN_FLAGS:
         default = "" if "default" in help_ else f" (default: {getattr(defaults, field)})"
@@ -241,7 +244,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="mhpfl list", description="List methods, datasets and zoos.").parse_args(argv)
+    ArgumentParser(prog="mhpfl list", description="List methods, datasets and zoos.").parse_args(argv)
     from mhpfl import catalog
     from mhpfl.methods import BUILTIN, available_methods
 
@@ -282,7 +285,7 @@ def _flat_settings(cfg: dict) -> dict:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mhpfl compare", description=(
+    p = ArgumentParser(prog="mhpfl compare", description=(
         "Table of finished runs: one row per run folder, with its seed and every setting that "
         "differs between the runs."))
     p.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
               "  report DIR           tables and plots of a bench folder\n"
               "  check                regression check against results/smoke/reference.json")
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
+            print(f"error: unknown command '{argv[0]}'{did_you_mean(argv[0], list(COMMANDS))}", file=sys.stderr)
             return 2
         return 0
     previous = _stop_on_sigterm()

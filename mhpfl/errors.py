@@ -1,5 +1,8 @@
 """Errors a user can fix. The CLI prints them as one line, never as a traceback."""
+import argparse
+import difflib
 import signal
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -30,3 +33,27 @@ class Interrupted(KeyboardInterrupt):
     def of(cls, e: KeyboardInterrupt, message: str) -> "Interrupted":
         """The same interruption (its signal; SIGINT for a plain Ctrl-C) told with `message`."""
         return cls(getattr(e, "signum", signal.SIGINT), message)
+
+
+def did_you_mean(word: str, known: list[str]) -> str:
+    """' (did you mean X?)' naming the known words closest to a misspelt one, or ''."""
+    close = difflib.get_close_matches(word, known, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, not the whole usage block: the message, the
+    nearest options to a misspelt one, and the command that lists them (`see`, default PROG --help)."""
+
+    def __init__(self, *args, see: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.see = see
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for word in message.split(": ", 1)[1].split():
+                if word.startswith("--") and (hint := did_you_mean(word.split("=")[0], known)):
+                    break
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see '{self.see or self.prog + ' --help'}'\n")

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from mhpfl.errors import UserError
+from mhpfl.errors import ArgumentParser, UserError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def _overrides(args) -> dict[str, Any]:
 def cmd_bench(argv: list[str]) -> int:
     from mhpfl.benchmark.suite import shipped_suites
 
-    p = argparse.ArgumentParser(prog="mhpfl bench", description=(
+    p = ArgumentParser(prog="mhpfl bench", description=(
         "Run a benchmark suite (cached: finished runs are skipped; resumable after any interruption), "
         "then write its report."))
     p.add_argument("suite", help=f"a shipped suite ({', '.join(shipped_suites())}) or a path to a suite .toml")
@@ -116,7 +116,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mhpfl report", description=(
+    p = ArgumentParser(prog="mhpfl report", description=(
         "Write tables (accuracy, cost, headline, ablation: .md/.csv/.tex), plots (.png/.pdf) and a "
         "README into a folder of finished bench runs."))
     p.add_argument("dir", help="output folder of 'mhpfl bench'")
@@ -135,7 +135,7 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_check(argv: list[str]) -> int:
     from mhpfl.benchmark.check import DEFAULT_REFERENCE, DEFAULT_SUITE, locate_reference, run_check
 
-    p = argparse.ArgumentParser(prog="mhpfl check", description=(
+    p = ArgumentParser(prog="mhpfl check", description=(
         "Regression check: rerun the smoke suite (never from a cache) and compare with the committed "
         "reference: accuracy within a tolerance, bytes and FLOPs exactly. Exit 1 on a regression."))
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"suite name or path (default {DEFAULT_SUITE})")
