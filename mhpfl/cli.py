@@ -224,6 +224,7 @@ def cmd_run(argv: list[str]) -> int:
         from mhpfl.engine import run
 
     target = out.with_name(f".{out.name}.inflight.{os.getpid()}") if replace else out
+    done = False  # a finished new run is never deleted, even where it cannot take the old one's place
     try:
         try:
             summary = run(cfg, out=target, progress=not args.quiet)
@@ -231,13 +232,18 @@ def cmd_run(argv: list[str]) -> int:
             kept = f"; the finished run in {out} is kept" if replace else ""
             raise Interrupted.of(e, f"the run stopped before its last round (not a result: no summary.json){kept}; "
                                     "rerun the command to train it from the start") from None
+        done = True
         if replace:  # the old result goes only once the new one is complete
             trash = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, trash)
+            try:
+                os.replace(out, trash)
+            except OSError as e:
+                raise UserError(f"the new run is complete in {target}, but {out} cannot be replaced "
+                                f"({e.strerror}); move it there yourself, or rerun with another --out") from None
             os.replace(target, out)
             shutil.rmtree(trash, ignore_errors=True)
     finally:
-        if replace:
+        if replace and not done:
             shutil.rmtree(target, ignore_errors=True)
     print(_result_line(summary, out))
     return 0

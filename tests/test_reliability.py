@@ -200,6 +200,30 @@ def test_run_never_overwrites_a_finished_result(tmp_path, data_root, capsys, mon
     assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no leftovers
 
 
+@needs_fmnist
+def test_a_finished_rerun_that_cannot_replace_the_old_one_is_kept(tmp_path, data_root, capsys, monkeypatch):
+    """--force / --overwrite put the new run in place of the old only when it is complete; where the
+    old folder cannot be moved (immutable, another owner), the new run stays where it finished."""
+    out = tmp_path / "run"
+    base = ["run", "standalone", *TINY, "--data-root", data_root, "--out", str(out)]
+    assert main(base) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(src) == out:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    one_line_error(capsys, main([*base, "--force"]), "the new run is complete in", "cannot be replaced",
+                   "Operation not permitted", "another --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (new,) = [p for p in tmp_path.iterdir() if p.name.startswith(".run.inflight.")]
+    assert json.loads((new / "summary.json").read_text())["config"] == json.loads(before["summary.json"])["config"]
+
+
 class FullDisk:
     """A file object whose write stores half of the text, then fails like a full disk."""
 
