@@ -232,6 +232,14 @@ def cmd_run(argv: list[str]) -> int:
             kept = f"; the finished run in {out} is kept" if replace else ""
             raise Interrupted.of(e, f"the run stopped before its last round (not a result: no summary.json){kept}; "
                                     "rerun the command to train it from the start") from None
+        except Exception as e:
+            from mhpfl.methods import BUILTIN, get_method
+
+            if isinstance(e, UserError) or cfg.method in BUILTIN:
+                raise
+            raise UserError(f"method '{cfg.method}' (a plugin: {get_method(cfg.method).__module__}) raised "
+                            f"{_one_line(e)} (traceback in {_keep_traceback()}); fix or uninstall the package "
+                            "that provides it") from None
         done = True
         if replace:  # the old result goes only once the new one is complete
             trash = out.with_name(f".{out.name}.old.{os.getpid()}")
@@ -360,9 +368,30 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped (mhpfl list | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # a bug, ours or a plugin's: one line, the traceback kept for the report
+        print(f"error: unexpected {_one_line(e)} (traceback in {_keep_traceback()}); this is a bug in mhpfl "
+              "or in a plugin: please report it with that file", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """'Type: message' on one line, cut to `limit` characters."""
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keep_traceback() -> str:
+    """Write the exception being handled, with its traceback, to a new file; return its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="mhpfl-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(traceback.format_exc())
+    return path
 
 
 def _stop_on_sigterm():

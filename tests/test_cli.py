@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +135,22 @@ PLUGIN = textwrap.dedent('''
 
         def aggregate(self, server, uploads, phase):
             server.state["head"] = weighted_average(uploads)
+
+    class Raiser(SharedHead):
+        description = "test plugin: a bug in a hook"
+
+        def client_update(self, client, message, phase):
+            raise RuntimeError("boom in client_update")
+
+    class NoDescription(Method):
+        def client_update(self, client, message, phase):
+            return {}
+
+    class NoUpdate(Method):
+        description = "test plugin: no client_update"
+
+    class BadInterval(SharedHead):
+        options = {"scale": Option(1.0, "loss scale", interval="[a, b]")}
 ''')
 
 
@@ -167,6 +184,49 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path):
     p = mhpfl("list", env=env)
     assert p.returncode == 0 and "pfedlora" in p.stdout and "BROKEN PLUGIN" in p.stdout
     assert_one_line_error(mhpfl("run", "broken", env=env), "plugdemo", "failed to load")
+
+
+def test_a_plugin_class_that_cannot_run_is_named_and_the_rest_are_listed(tmp_path):
+    env = install_plugin(tmp_path, "nodesc = plugdemo:NoDescription\nnoupdate = plugdemo:NoUpdate\n"
+                                   "badopt = plugdemo:BadInterval\nsharedhead = plugdemo:SharedHead\n")
+    p = mhpfl("list", env=env)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    listed = {line.split()[0]: line for line in p.stdout.splitlines() if line.startswith("  ")}
+    assert "no one-line `description`" in listed["nodesc"] and "BROKEN PLUGIN" in listed["nodesc"]
+    assert "does not define client_update" in listed["noupdate"]
+    assert "interval '[a, b]'" in listed["badopt"]
+    assert "share the fc3 classifier" in listed["sharedhead"] and "pfedlora" in listed
+    assert_one_line_error(mhpfl("run", "noupdate", env=env), "plugdemo", "does not define client_update",
+                          "fix or uninstall")
+
+
+@needs_fmnist
+def test_a_plugin_hook_that_raises_is_one_line_naming_the_plugin(tmp_path, data_root):
+    env = install_plugin(tmp_path, "raiser = plugdemo:Raiser\n")
+    p = mhpfl("run", "raiser", "--clients", "5", "--rounds", "1", "--train-fraction", "0.05", "--data-root",
+              data_root, "--no-download", "--quiet", "--out", str(tmp_path / "run"), env=env)
+    assert_one_line_error(p, "method 'raiser' (a plugin: plugdemo) raised RuntimeError: boom in client_update",
+                          "fix or uninstall")
+    trace = Path(p.stderr.split("(traceback in ", 1)[1].split(")", 1)[0])
+    assert "Traceback" in trace.read_text() and "client_update" in trace.read_text()
+    trace.unlink()
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_kept(capsys, monkeypatch):
+    """A bug (ours or a plugin's) in any command: one line, exit 1, the traceback in a file."""
+    from mhpfl import cli
+
+    def broken(argv):
+        raise ValueError("a\nmultiline\nmessage")
+
+    monkeypatch.setitem(cli.COMMANDS, "list", broken)
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unexpected ValueError: a multiline message (")
+    assert "this is a bug in mhpfl or in a plugin" in err
+    trace = Path(err.split("(traceback in ", 1)[1].split(")", 1)[0])
+    assert "Traceback" in trace.read_text() and "broken" in trace.read_text()
+    trace.unlink()
 
 
 @needs_fmnist

@@ -74,9 +74,31 @@ def _load_plugin(name: str, ep) -> type[Method]:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise UserError(f"plugin {dist} registers '{name}' as {ep.value}, which is not a "
                         "mhpfl.methods.Method subclass; fix or uninstall that package")
+    why = plugin_class_problem(cls)
+    if why:
+        raise UserError(f"plugin {dist}'s method '{name}' ({ep.value}) {why}; fix or uninstall that package")
     if getattr(cls, "name", None) != name:
         cls.name = name
     return cls
+
+
+def plugin_class_problem(cls: type[Method]) -> str | None:
+    """What keeps a plugin's Method subclass from being listed and run, or None: a hook it must
+    define, its one-line description, a malformed option."""
+    from mhpfl.methods.base import in_interval
+
+    if getattr(cls, "__abstractmethods__", None):
+        return f"does not define {', '.join(sorted(cls.__abstractmethods__))}"
+    if not isinstance(getattr(cls, "description", None), str):
+        return "has no one-line `description` (a str class attribute)"
+    if not isinstance(cls.options, dict) or not all(isinstance(o, Option) for o in cls.options.values()):
+        return "has `options` that are not a dict of mhpfl.methods.Option"
+    for k, o in cls.options.items():
+        try:
+            o.interval and in_interval(0, o.interval)
+        except (ValueError, IndexError):
+            return f"gives option {k} the interval {o.interval!r}, not one like '[0, inf)'"
+    return None
 
 
 def get_method(name: str) -> type[Method]:
