@@ -74,7 +74,8 @@ def test_train_fraction_keeps_every_class():
 
 
 @pytest.mark.parametrize("text,msg", [("pathological:11", "K <= 10"), ("pathological:3", "divisible"),
-                                      ("dirichlet:-1", "bad partition"), ("iid", "bad partition")])
+                                      ("dirichlet:-1", "bad partition"), ("iid", "bad partition"),
+                                      ("dirichlet:inf", "bad partition"), ("dirichlet:nan", "bad partition")])
 def test_impossible_partitions(text, msg):
     with pytest.raises(UserError, match=msg):
         spec = PartitionSpec.parse(text)
@@ -95,3 +96,21 @@ def test_a_public_pool_larger_than_the_held_out_one_says_how_to_drop_it():
     with pytest.raises(UserError, match=r"public pool \(300 samples.*--val-size 0\).*--public-size \(0 where"):
         make_partition(fake_labels(3000), fake_labels(500), 10, 10, PartitionSpec.parse("pathological:2"),
                        seed=0, val_size=0, public_size=300)
+
+
+
+@pytest.mark.parametrize("clients,msg", [
+    (60, "60 clients cannot each hold a training and a test sample: the training pool has 1000 and the test "
+         "set 50; use fewer --clients"),  # more clients than test samples: refused before any split
+    (10**9, "the training pool has 1000"),  # at once, not after drawing a billion clients' shares
+    (40, "client .* got no training or test data"),  # 40 shares of 5 test samples per class: some are empty
+])
+def test_more_clients_than_the_data_can_hold_is_one_line(clients, msg):
+    with pytest.raises(UserError, match=msg):
+        make_partition(fake_labels(100), fake_labels(5), 10, clients, PartitionSpec.parse("pathological:10"),
+                       seed=0, train_fraction=0.5)
+
+
+def test_subsampling_an_empty_share_keeps_it_empty():
+    """(It crashed in np.concatenate, before the one-line error above could be raised.)"""
+    assert len(subsample(fake_labels(10), np.empty(0, dtype=np.int64), 0.5, np_rng(0, "f"))) == 0

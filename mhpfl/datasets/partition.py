@@ -31,7 +31,7 @@ class PartitionSpec:
                 return cls(kind, k=int(arg))
             if kind == "dirichlet":
                 alpha = float(arg)
-                if not alpha > 0:
+                if not 0 < alpha < float("inf"):
                     raise ValueError
                 return cls(kind, alpha=alpha)
         except ValueError:
@@ -102,7 +102,7 @@ def apply_shares(labels: np.ndarray, pool: np.ndarray, shares: np.ndarray,
 def subsample(labels: np.ndarray, idx: np.ndarray, fraction: float,
               rng: np.random.Generator) -> np.ndarray:
     """Keep a seeded fraction of idx per class (at least one sample of every class held)."""
-    if fraction >= 1.0:
+    if fraction >= 1.0 or len(idx) == 0:
         return idx
     kept = []
     for c in np.unique(labels[idx]):
@@ -150,6 +150,9 @@ def make_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_classe
                         "--val-size, or lower --public-size (0 where no method uses public data; FedMD does)")
     if val_size >= n:
         raise UserError(f"--val-size {val_size} leaves no training data ({n} samples)")
+    if num_clients > min(n - val_size, len(test_labels)):
+        raise UserError(f"{num_clients} clients cannot each hold a training and a test sample: the training "
+                        f"pool has {n - val_size} and the test set {len(test_labels)}; use fewer --clients")
     order = np_rng(seed, "holdout").permutation(n)
     public, val_pool, train_pool = order[:public_size], order[public_size:val_size], order[val_size:]
 
