@@ -28,11 +28,19 @@ def test_bad_suites_give_one_line_errors(tmp_path, data_root):
     assert "has no option bogus" in _err(tmp_path, data_root, methods=("pfedlora",),
                                          extra="[settings.method_options.pfedlora]\nbogus = 1")
     assert "expected an integer" in _err(tmp_path, data_root, extra='clients = "ten"')
+    assert "public_size" in _err(tmp_path, data_root, extra='public_size = "abc"')  # None by default
+    assert "--rank must be a whole number (got 1.5)" in _err(tmp_path, data_root, methods=("pfedlora",),
+                                                              extra="[settings.method_options.pfedlora]\nrank = 1.5")
+    assert "tolerance_per_method must be a table" in _err(tmp_path, data_root,
+                                                          extra="[check]\ntolerance_per_method = 5")
     assert "fedavg supports only the homo zoo" in _err(tmp_path, data_root, extra='methods = ["fedavg"]')
     assert "is for single runs (mhpfl run)" in _err(tmp_path, data_root, extra='test_eval = "improved"')
     bad = write_suite(tmp_path, data_root, extra="[[ablations]]\nname='r'\nsetting='A'\noption='nope'\nvalues=[1]")
     with pytest.raises(UserError, match="pfedlora has no option 'nope'"):
         load_suite(str(bad))
+    (tmp_path / "latin1.toml").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        load_suite(str(tmp_path / "latin1.toml"))
     (tmp_path / "broken.toml").write_text("methods = [")
     with pytest.raises(UserError, match="not valid TOML"):
         load_suite(str(tmp_path / "broken.toml"))

@@ -152,7 +152,10 @@ def suite_path(name_or_path: str) -> tuple[str, str]:
         if not p.is_file():
             raise UserError(f"suite file {p} not found; pass a shipped suite "
                             f"({', '.join(shipped_suites())}) or a path to a .toml file")
-        return str(p), p.read_text()
+        try:
+            return str(p), p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"suite file {p} is not UTF-8 text (TOML is); save it as UTF-8") from None
     res = resources.files("mhpfl.benchmark").joinpath("suites", f"{name_or_path}.toml")
     if not res.is_file():
         what = f"'{name_or_path}' is a folder, not a suite file" if p.exists() else f"unknown suite '{name_or_path}'"
@@ -201,6 +204,8 @@ def _run_fields(where: str, d: dict[str, Any]) -> dict[str, Any]:
                 _expect(f"{where}.{k}", v, bool, "true or false")
         elif k == "data_root":
             _expect(f"{where}.{k}", v, str, "a path string")
+        elif k == "public_size":  # None by default: a client's mean private set
+            _expect(f"{where}.{k}", v, int, "an integer")
         elif isinstance(default, bool):
             _expect(f"{where}.{k}", v, bool, "true or false")
         elif isinstance(default, float):
@@ -420,11 +425,14 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
     if not isinstance(check, dict):
         raise UserError(f"{where}: [check] must be a table")
     _unknown(f"{where} [check]", check, CHECK_KEYS)
+    per_method = {}
+    for key in ("tolerance_per_method", "bytes_rel_tolerance"):
+        t = check.get(key, {})
+        if not isinstance(t, dict):
+            raise UserError(f"{where} [check] {key} must be a table of method = number (e.g. {{ fedkd = 3.0 }})")
+        per_method[key] = {k: _expect(f"{where} [check] {key}.{k}", v, float, "a number") for k, v in t.items()}
     chk = {"tolerance": _expect(f"{where} [check] tolerance", check.get("tolerance", 2.0), float, "a number"),
-           "tolerance_per_method": {k: _expect(f"{where} [check] tolerance_per_method.{k}", v, float, "a number")
-                                    for k, v in check.get("tolerance_per_method", {}).items()},
-           "bytes_rel_tolerance": {k: _expect(f"{where} [check] bytes_rel_tolerance.{k}", v, float, "a number")
-                                   for k, v in check.get("bytes_rel_tolerance", {}).items()}}
+           **per_method}
     if not entries:
         raise UserError(f"{where}: expands to no runs (no installed method can run any setting)")
     return Suite(name, description, source, text, settings, ablations, methods, rep, chk, entries)

@@ -39,6 +39,9 @@ class Option:
 
     def problem(self, value: Any) -> str | None:
         """Why `value` is not allowed ("must be ..."), or None when it is."""
+        kind = type(self.default) if self.type is None else None  # a suite file can give any type
+        if kind in KINDS and not KINDS[kind][0](value):
+            return f"must be {KINDS[kind][1]}"
         if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(map(str, self.choices))}"
         if self.interval is not None and not in_interval(value, self.interval):
@@ -55,6 +58,14 @@ class Option:
                 return False
             raise ValueError(f"expected true or false, got '{text}'")
         return type(self.default)(text) if self.default is not None else text
+
+
+KINDS: dict[type, tuple[Callable[[Any], bool], str]] = {  # an option's default type: what else it takes
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def in_interval(value: Any, interval: str) -> bool:
