@@ -62,9 +62,34 @@ def load_summary(path: str | Path) -> dict[str, Any]:
     missing = [f for f in REQUIRED_FIELDS if f not in s]
     if missing:
         raise DamagedResult(path, f"missing field(s) {', '.join(missing)}")
-    if not isinstance(s["config"], dict):
-        raise DamagedResult(path, "field config is not an object")
+    if not isinstance(s["config"], dict) or not isinstance(s["config"].get("method_options", {}), dict):
+        raise DamagedResult(path, "field config (or its method_options) is not an object")
+    for field, (ok, kind) in FIELD_TYPES.items():
+        if not ok(s[field]):
+            raise DamagedResult(path, f"field {field} is {json.dumps(s[field])[:40]}, not {kind}")
     return s
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What the consumers compute with (None where the engine writes it for a run that has no value).
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "method": (lambda v: isinstance(v, str), "a string"),
+    **{f: (_number, "a number") for f in ("final_mean_acc", "selected_mean_acc", "selected_weighted_acc",
+                                         "final_std_acc", "wall_seconds", "train_flops")},
+    **{f: (lambda v: v is None or _number(v), "a number or null")
+       for f in ("best_mean_acc", "selected_mean_acc_participated")},
+    **{f: (_whole, "a whole number") for f in ("bytes_up", "bytes_down", "rounds_run",
+                                              "selected_round", "never_participated")},
+    "converged": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "per_client_selected_acc": (lambda v: isinstance(v, list), "a list"),
+}
 
 
 def summary_state(run_dir: str | Path) -> str:

@@ -42,6 +42,12 @@ def fake_summary(method="standalone", **cfg) -> dict:
     ("", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({k: v for k, v in fake_summary().items() if k != "bytes_up"}), "missing field(s) bytes_up"),
+    # the right fields with the wrong types (a hand edit, another tool): named, not a crash where used
+    (json.dumps({**fake_summary(), "selected_mean_acc": None}), "field selected_mean_acc is null, not a number"),
+    (json.dumps({**fake_summary(), "rounds_run": "3"}), 'field rounds_run is "3", not a whole number'),
+    (json.dumps({**fake_summary(), "converged": "yes"}), "field converged is \"yes\", not true, false or null"),
+    (json.dumps({**fake_summary(), "config": {**fake_summary()["config"], "method_options": 5}}),
+     "method_options) is not an object"),
 ])
 def test_damaged_summary_is_named(tmp_path, text, why):
     f = tmp_path / "run" / "summary.json"
