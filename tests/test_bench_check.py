@@ -80,6 +80,38 @@ def test_reference_of_another_suite_is_refused(tmp_path, data_root, capsys):
     assert "mhpfl check --update" in capsys.readouterr().err
 
 
+GOOD_RUN = {"method": "m", "selected_mean_acc": 50.0, "best_mean_acc": 50.0, "final_mean_acc": 50.0,
+            "bytes_up": 1, "bytes_down": 1, "train_flops": 1}
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"runs": {"r": {**GOOD_RUN, "selected_mean_acc": "x"}}}, "run r's method, accuracies or bytes"),
+    ({"runs": {"r": {**GOOD_RUN, "train_flops": None}}}, "run r's method"),
+    ({"runs": {"r": 5}}, "run r's method"),
+    ({"runs": []}, "runs is not an object"),
+    ({"tolerance": "x"}, "tolerance is not"),
+    ({"tolerance": {"default": float("nan")}}, "tolerance is not"),
+    ({"bytes_rel_tolerance": 3}, "bytes_rel_tolerance is not"),
+])
+def test_a_damaged_reference_is_refused_before_any_run(tmp_path, data_root, change, why):
+    """(It crashed in the comparison, after the whole suite had run.)"""
+    suite_file = write_suite(tmp_path, data_root, name="mini")
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps({"suite": "mini", "runs": {"r": GOOD_RUN}, **change}))
+    with pytest.raises(UserError, match=f"{ref} is damaged \\({why}.*check --update"):
+        run_check(load_suite(str(suite_file)), ref, progress=False, log=lambda m: pytest.fail("it ran: " + m))
+
+
+def test_check_refuses_a_folder_as_reference_and_a_nan_tolerance(tmp_path, data_root):
+    suite = load_suite(str(write_suite(tmp_path, data_root, name="mini")))
+    with pytest.raises(UserError, match="is a folder; pass the reference's file"):
+        run_check(suite, tmp_path, update=True, progress=False)
+    ref = tmp_path / "reference.json"
+    ref.write_text(json.dumps({"suite": "mini", "runs": {"r": GOOD_RUN}}))
+    with pytest.raises(UserError, match="--tolerance must be a finite number >= 0"):
+        run_check(suite, ref, tolerance=float("nan"), progress=False)
+
+
 def test_a_reference_without_a_metric_is_a_failure_not_a_crash():
     from mhpfl.benchmark.check import compare
 

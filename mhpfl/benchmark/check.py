@@ -13,6 +13,7 @@ either side, or a failed run, is a failure too. `--update` rewrites the referenc
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -69,7 +70,35 @@ def read_reference(path: Path, suite: Suite) -> dict[str, Any] | None:
     if ref["suite"] != suite.name:
         raise UserError(f"reference {path} was made by suite '{ref['suite']}', not '{suite.name}'; pass "
                         f"--reference for suite '{suite.name}' or rewrite it with 'mhpfl check --update'")
+    why = _reference_problem(ref)
+    if why:
+        raise UserError(f"{path} is damaged ({why}); restore it from git or run 'mhpfl check --update'")
     return ref
+
+
+def _reference_problem(ref: dict[str, Any]) -> str | None:
+    """What in a reference's numbers the comparison could not use, or None."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def numbers(d):
+        return isinstance(d, dict) and all(number(v) for v in d.values())
+
+    tol = ref.get("tolerance", {})
+    if not (isinstance(tol, dict) and number(tol.get("default", 0)) and numbers(tol.get("per_method", {}))):
+        return "tolerance is not {default: number, per_method: {method: number}}"
+    if not numbers(ref.get("bytes_rel_tolerance", {})):
+        return "bytes_rel_tolerance is not {method: number}"
+    if not isinstance(ref["runs"], dict):
+        return "runs is not an object of run id -> numbers"
+    for rid, r in ref["runs"].items():
+        # a metric the reference lacks (one added since it was written) is a failure row in the
+        # comparison, which says to --update; a metric that is there must be a number
+        if not (isinstance(r, dict) and isinstance(r.get("method"), str)
+                and all(number(r[m]) for m in ACC_METRICS if m in r)
+                and all(number(r[m]) and float(r[m]).is_integer() for m in EXACT_METRICS if m in r)):
+            return f"run {rid}'s method, accuracies or bytes and FLOPs are not a name and numbers"
+    return None
 
 
 def collect(suite: Suite, out: Path) -> dict[str, dict[str, Any]]:
@@ -140,12 +169,15 @@ def run_check(suite: Suite, reference: str | Path = DEFAULT_REFERENCE, *, update
     import pandas as pd
 
     reference = Path(reference)
+    if reference.is_dir():
+        raise UserError(f"--reference {reference} is a folder; pass the reference's file, e.g. "
+                        f"{reference / Path(DEFAULT_REFERENCE).name}")
     ref = read_reference(reference, suite)  # a wrong reference fails before any training
     if ref is None and not update:
         raise UserError(f"no reference at {reference}; create it with 'mhpfl check --update' "
                         "(or pass --reference PATH)")
-    if tolerance is not None and tolerance < 0:
-        raise UserError(f"--tolerance must be >= 0 (got {tolerance})")
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserError(f"--tolerance must be a finite number >= 0 (got {tolerance})")
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="mhpfl-check-")
