@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,28 @@ def test_damaged_dataset_files_are_called_damaged(tmp_path, capsys):
     err = run_err(capsys, "--dataset", "cifar10", "--data-root", str(tmp_path / "d"))
     assert "not found" in err and "cifar-10-python.tar.gz" in err
     load_dataset.cache_clear()
+
+
+def test_a_failed_download_is_one_line_and_leaves_nothing_that_reads_as_data(tmp_path, monkeypatch):
+    """torchvision's MNIST-family download fails (offline) with a RuntimeError listing every mirror's
+    URL on several lines, after making ROOT/KMNIST/raw. The error is one line, and the empty folder
+    it left is removed: a later --no-download says "not found", not "corrupt"."""
+    import torchvision.datasets as tvd
+
+    from mhpfl.datasets.loaders import _torchvision
+    from mhpfl.errors import UserError
+
+    def offline(self):
+        (Path(self.raw_folder)).mkdir(parents=True, exist_ok=True)
+        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz.part").write_bytes(b"x")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://a/, got:\n"
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+
+    monkeypatch.setattr(tvd.KMNIST, "download", offline)
+    with pytest.raises(UserError) as e:
+        _torchvision("kmnist", tmp_path, download=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "kmnist not found under" in msg and "download failed (RuntimeError)" in msg
+    assert not (tmp_path / "KMNIST").exists()
+    with pytest.raises(UserError, match="kmnist not found under .*place the four IDX files"):
+        _torchvision("kmnist", tmp_path, download=False)

@@ -141,13 +141,22 @@ def _torchvision(name: str, root: Path, download: bool):
         except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError ...
             raise UserError(f"{name}: {root / cls.filename} is corrupt ({type(e).__name__}: {e}); replace it "
                             "with a fresh copy from https://www.cs.toronto.edu/~kriz/") from None
-    present = raw.is_dir() if idx else (root / cls.base_folder).is_dir()
+    present = any(raw.iterdir()) if idx and raw.is_dir() else (not idx and (root / cls.base_folder).is_dir())
+    made = [p for p in ((root / cls.__name__) if idx else (root / cls.filename),) if not p.exists()]
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except OSError as e:  # download failed (no network, refused, ...), or unreadable files
         cause = f"download failed ({type(e).__name__})" if download and not present else f"{type(e).__name__}: {e}"
     except Exception as e:  # torchvision: "Dataset not found or corrupted"; a parser error on a damaged file
-        cause = None if isinstance(e, RuntimeError) and "not found" in str(e) else f"cannot be parsed: {type(e).__name__} {e}"
+        if download and not present and isinstance(e, RuntimeError) and "download" in str(e).lower():
+            cause = f"download failed ({type(e).__name__})"  # torchvision's text lists every mirror's URL
+        else:
+            cause = None if isinstance(e, RuntimeError) and "not found" in str(e) else f"cannot be parsed: {type(e).__name__} {e}"
+    if cause:
+        cause = " ".join(cause.split())[:300]
+    if download and not present:  # what a failed download left (empty folders, a partial file) is not data
+        for p in made:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if present:
         if idx:
             what = next((f"{raw / f} is missing" for f in FMNIST_FILES if not (raw / f).is_file()), None)
