@@ -8,6 +8,7 @@ one-line error instead of a traceback, and bench reruns it instead of trusting i
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from mhpfl.errors import UserError
 
 SUMMARY = "summary.json"
+ROUNDS = "rounds.csv"
+ROUNDS_COLUMNS = ("round", "mean_acc", "train_flops", "cum_train_flops", "cum_bytes_up", "cum_bytes_down")
 
 # How a run's reported round was chosen (the summary's "selection"): the rounds >= 1 with the best
 # mean validation accuracy, or, where no client holds validation data, the final round.
@@ -90,6 +93,22 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "converged": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "per_client_selected_acc": (lambda v: isinstance(v, list), "a list"),
 }
+
+
+def rounds_problem(path: str | Path) -> str | None:
+    """Why a finished run's rounds.csv (the report's curves) cannot be used, or None: unreadable,
+    a header without ROUNDS_COLUMNS, no rounds, or a row cut short (a truncated copy)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return f"{ROUNDS} unreadable: {getattr(e, 'strerror', None) or type(e).__name__}"
+    lacking = [c for c in ROUNDS_COLUMNS if not rows or c not in rows[0]]
+    if lacking:
+        return f"{ROUNDS} lacks column(s) {', '.join(lacking)}"
+    if len(rows) < 2 or any(len(r) != len(rows[0]) for r in rows[1:]):
+        return f"{ROUNDS} has no rounds or a row cut short"
+    return None
 
 
 def summary_state(run_dir: str | Path) -> str:

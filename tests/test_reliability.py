@@ -320,6 +320,37 @@ def test_bench_reruns_a_damaged_cached_run_and_reports_failures_by_name(tmp_path
         unregister("boom")
 
 
+@needs_fmnist
+def test_damaged_files_of_a_bench_folder_are_named_and_a_cut_rounds_csv_is_rerun(tmp_path, data_root, capsys):
+    """A bench folder's rounds.csv, run.json and bench.json, cut or garbled (a partial copy, a hand
+    edit): `report` names the file in one line (it crashed in pandas or json), and `bench` treats
+    a run whose rounds.csv is cut as unfinished and trains it again."""
+    from tests._bench_util import write_suite
+
+    suite, out = write_suite(tmp_path, data_root), tmp_path / "out"
+    bench = ["bench", str(suite), "--out", str(out), "--quiet"]
+    assert main(bench) == 0
+    run = next((out / "runs").glob("standalone-*"))
+    capsys.readouterr()
+    good = (run / "rounds.csv").read_text()
+    (run / "rounds.csv").write_text(good.split(",train_flops")[0])  # the header cut short
+    one_line_error(capsys, main(["report", str(out)]), str(run / "rounds.csv"), "lacks column(s) train_flops",
+                   f"delete {run}")
+    assert main(bench) == 0
+    assert "running it again" in capsys.readouterr().out
+    def no_wall(text):
+        return [line.rsplit(",", 1)[0] for line in text.splitlines()]
+
+    assert no_wall((run / "rounds.csv").read_text()) == no_wall(good)  # retrained: the same seeded run
+    for name, fix in (("run.json", f"delete {run}"), ("bench.json", "it only logs past bench sessions")):
+        f = run / name if name == "run.json" else out / name
+        keep = f.read_text()
+        f.write_text(keep[: len(keep) // 2])
+        one_line_error(capsys, main(["report", str(out)]), str(f), "damaged", fix)
+        f.write_text(keep)
+    assert main(["report", str(out)]) == 0
+
+
 # ---- mhpfl check finds its reference ------------------------------------------------------------
 def test_check_finds_the_reference_from_anywhere(tmp_path, monkeypatch, capsys):
     from mhpfl.benchmark import check

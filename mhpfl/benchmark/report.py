@@ -35,7 +35,7 @@ import pandas as pd
 
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_text
-from mhpfl.results import SELECTED_FINAL_ROUND, load_summary
+from mhpfl.results import ROUNDS, SELECTED_FINAL_ROUND, load_summary, rounds_problem
 
 PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
 # accuracy views of a run: column -> (summary field, what it is)
@@ -91,11 +91,11 @@ def load(out: str | Path) -> Results:
             continue
         s = load_summary(d / "summary.json")
         if e["key"] not in curves:
-            try:
-                curves[e["key"]] = pd.read_csv(d / "rounds.csv")
-            except (OSError, ValueError) as err:
-                raise UserError(f"{d / 'rounds.csv'} is damaged ({type(err).__name__}); delete {d} and "
-                                f"rerun 'mhpfl bench SUITE --out {out}'") from None
+            why = rounds_problem(d / ROUNDS)
+            if why:
+                raise UserError(f"{d / ROUNDS} is damaged ({why}); delete {d} and rerun "
+                                f"'mhpfl bench SUITE --out {out}'") from None
+            curves[e["key"]] = pd.read_csv(d / ROUNDS)
         c = curves[e["key"]]
         cfg = s["config"]
         m = max(1, round(cfg["frac"] * cfg["clients"]))
@@ -698,14 +698,38 @@ def _mpl_ge(v: str) -> bool:
 
 
 # ---- README -------------------------------------------------------------------------------------
+def _json_object(path: Path, fix: str) -> dict:
+    """A JSON object file of the bench folder, or a one-line error saying how to `fix` it."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}); {fix}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); {fix}")
+    return d
+
+
+SESSION_KEYS = ("started", "wall_seconds", "runs_trained", "runs_cached", "jobs", "machine")
+MACHINE_KEYS = ("cpu", "cores", "gpu", "device", "torch", "python", "platform")
+
+
+def _session_ok(s: Any) -> bool:
+    return (isinstance(s, dict) and all(k in s for k in SESSION_KEYS) and isinstance(s["wall_seconds"], (int, float))
+            and isinstance(s["machine"], dict) and all(k in s["machine"] for k in MACHINE_KEYS))
+
+
 def readme(res: Results, files: list[str]) -> str:
     bench_f = res.out / "bench.json"
-    sessions = json.loads(bench_f.read_text())["sessions"] if bench_f.is_file() else []
-    sessions = [s for s in sessions if s.get("suite") == res.plan["suite"]]
+    fix = "it only logs past bench sessions: delete it"
+    log = _json_object(bench_f, fix) if bench_f.is_file() else {"sessions": []}
+    if not (isinstance(log.get("sessions"), list) and all(_session_ok(s) for s in log["sessions"])):
+        raise UserError(f"{bench_f} is damaged (a session lacks its time, runs or machine); {fix}")
+    sessions = [s for s in log["sessions"] if s.get("suite") == res.plan["suite"]]
     uniq = res.runs.drop_duplicates("key")
     versions = sorted({json.dumps(v, sort_keys=True) for v in uniq["versions"]})
-    codes = sorted({json.loads((res.out / "runs" / f"{m}-{k}" / "run.json").read_text()).get("code", "?")
-                    for m, k in zip(uniq["method"], uniq["key"]) if (res.out / "runs" / f"{m}-{k}" / "run.json").is_file()})
+    run_files = [res.out / "runs" / f"{m}-{k}" / "run.json" for m, k in zip(uniq["method"], uniq["key"])]
+    codes = sorted({str(_json_object(f, f"delete {f.parent} and rerun 'mhpfl bench'").get("code", "?"))
+                    for f in run_files if f.is_file()})
     lines = [f"# Results of suite `{res.plan['suite']}`", "",
              res.plan.get("description", ""), "",
              f"Suite file: `{res.plan['source']}` (copy: `suite.toml`). Regenerate with "

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from mhpfl.benchmark.ray_executor import RayOptions
 from mhpfl.errors import Interrupted, UserError
 from mhpfl.io import atomic_write_json, atomic_write_text
-from mhpfl.results import DamagedResult, load_summary
+from mhpfl.results import ROUNDS, DamagedResult, load_summary, rounds_problem
 
 
 def run_dirname(e: Entry) -> str:
@@ -56,7 +56,8 @@ def damaged(out: Path, e: Entry) -> DamagedResult | None:
         load_summary(f)
     except DamagedResult as err:
         return err
-    return None
+    why = rounds_problem(f.parent / ROUNDS)  # the report's curves: a run without them is not finished
+    return DamagedResult(f.parent, why) if why else None
 
 
 @functools.lru_cache(maxsize=1)
