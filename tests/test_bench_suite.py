@@ -31,6 +31,7 @@ def test_bad_suites_give_one_line_errors(tmp_path, data_root):
     assert "public_size" in _err(tmp_path, data_root, extra='public_size = "abc"')  # None by default
     assert "--rank must be a whole number (got 1.5)" in _err(tmp_path, data_root, methods=("pfedlora",),
                                                               extra="[settings.method_options.pfedlora]\nrank = 1.5")
+    assert "[report]: unknown method 'nosuch2'" in _err(tmp_path, data_root, extra='[report]\nreference = "nosuch2"')
     assert "tolerance_per_method must be a table" in _err(tmp_path, data_root,
                                                           extra="[check]\ntolerance_per_method = 5")
     assert "fedavg supports only the homo zoo" in _err(tmp_path, data_root, extra='methods = ["fedavg"]')
@@ -153,3 +154,10 @@ def test_shipped_suites(name):
         assert all(st.cfg.rounds == 500 for st in s.settings)
         assert {(st.cfg.clients, st.cfg.frac) for st in s.settings} == {(10, 1.0), (50, 0.2), (100, 0.1)}
         assert {st.cfg.partition for st in s.settings} == {"pathological:2", "pathological:10"}
+
+
+def test_a_dry_run_refuses_what_the_real_run_refuses(tmp_path, data_root, capsys):
+    suite = write_suite(tmp_path, data_root)
+    for flag in ("--jobs", "--threads"):
+        assert main(["bench", str(suite), "--dry-run", flag, "0"]) == 2
+        assert f"{flag} must be >= 1 (got 0)" in capsys.readouterr().err

@@ -67,10 +67,11 @@ def cmd_bench(argv: list[str]) -> int:
                    help="Ray retries of a run whose worker or node died (default 2)")
     args = p.parse_args(argv)
     from mhpfl.benchmark.report import check_target, write_report
-    from mhpfl.benchmark.runner import finished, run_suite
+    from mhpfl.benchmark.runner import check_workers, finished, run_suite
     from mhpfl.benchmark.suite import load_suite
 
     check_target(args.target)  # before any training
+    check_workers(args.jobs, args.threads)  # --dry-run too: it shows what the real command would do
     ray_opts = None
     if args.executor == "ray":
         from mhpfl.benchmark.ray_executor import RayOptions

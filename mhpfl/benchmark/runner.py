@@ -210,6 +210,13 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
+def check_workers(jobs: int | None, threads: int | None) -> None:
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs must be >= 1 (got {jobs})")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {threads})")
+
+
 def plan_workers(cores: int, todo: int, jobs: int | None, threads: int | None) -> tuple[int, int]:
     """(processes, torch threads each): by default one process per core (at most one per run
     to do) with cores // jobs threads; jobs x threads is capped at the cores (no
@@ -263,11 +270,8 @@ def run_suite(suite: Suite, out: str | Path, *, force: bool = False, jobs: int |
         from mhpfl.benchmark.ray_executor import RayOptions
 
         ray = RayOptions()
+    check_workers(jobs, threads)
     out = prepare_out(out)
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs must be >= 1 (got {jobs})")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1 (got {threads})")
     lock = _Lock(out)
     try:
         _clean_inflight(out)

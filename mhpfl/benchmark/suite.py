@@ -417,6 +417,8 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
     rep = {"reference": _expect(f"{where} [report] reference", report.get("reference", "pfedlora"), str, "a method"),
            "baselines": _str_list(f"{where} [report] baselines", report.get("baselines", list(SIX_BASELINES))),
            "target": report.get("target", "min-best")}
+    for m in [rep["reference"]] * ("reference" in report) + rep["baselines"] * ("baselines" in report):
+        _method_cls(f"{where} [report]", m, only_available=False)  # a name given must be a method
     if rep["target"] != "min-best":
         rep["target"] = _percent(f"{where} [report] target",
                                  _expect(f"{where} [report] target", rep["target"], float, '"min-best" or a number'))
