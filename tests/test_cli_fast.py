@@ -89,7 +89,8 @@ def test_compare_shows_a_missing_best_on_test_as_not_available(tmp_path, capsys)
     for name, best in (("every", 91.5), ("improved", None)):
         s = {f: 0 for f in REQUIRED_FIELDS}
         s.update(method="standalone", config={"seed": 0, "test_eval": name}, best_mean_acc=best,
-                 selected_mean_acc=90.0, final_mean_acc=89.0, rounds_run=5)
+                 selected_mean_acc=90.0, final_mean_acc=89.0, rounds_run=5, converged=None,
+                 per_client_selected_acc=[90.0])
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(s))
     assert main(["compare", str(tmp_path / "every"), str(tmp_path / "improved")]) == 0
@@ -123,7 +124,7 @@ def test_compare_says_how_each_round_was_chosen_and_which_verdicts_were_reached(
         s = {f: 0 for f in REQUIRED_FIELDS}
         s.update(method="standalone", config={"seed": 0, "val_size": 0 if name == "noval" else 100}, rounds_run=5,
                  selected_round=5 if name == "noval" else 3, selection=sel, converged=conv["converged"],
-                 convergence=conv)
+                 convergence=conv, per_client_selected_acc=[0.0])
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(s))
     assert main(["compare", str(tmp_path / "val"), str(tmp_path / "noval")]) == 0
