@@ -2,10 +2,11 @@
 
 A summary is trusted only if it parses as a JSON object and carries every field in
 `REQUIRED_FIELDS`, those in `FIELD_TYPES` with their types; a run's rounds.csv only if it has
-`ROUNDS_COLUMNS` and whole rows (`rounds_problem`). `mhpfl bench` (whether a cached run is finished), `mhpfl report`,
-`mhpfl compare` and `mhpfl check` all read summaries through `load_summary`, so a damaged or
-truncated file (a full disk, a partial copy or sync, a hand edit) is named by path in a
-one-line error instead of a traceback, and bench reruns it instead of trusting it.
+`ROUNDS_COLUMNS` and whole rows (`rounds_problem`). `mhpfl bench` (whether a cached run is
+finished), `mhpfl report`, `mhpfl compare` and `mhpfl check` all read summaries through
+`load_summary`, so a damaged or truncated file (a full disk, a partial copy or sync, a hand
+edit) is named by path in a one-line error instead of a traceback, and bench reruns it instead
+of trusting it.
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def _torchvision(name: str, root: Path, download: bool):
         if download and not present and isinstance(e, RuntimeError) and "download" in str(e).lower():
             cause = f"download failed ({type(e).__name__})"  # torchvision's text lists every mirror's URL
         else:
-            cause = None if isinstance(e, RuntimeError) and "not found" in str(e) else f"cannot be parsed: {type(e).__name__} {e}"
+            cause = (None if isinstance(e, RuntimeError) and "not found" in str(e)
+                     else f"cannot be parsed: {type(e).__name__} {e}")
     if cause:
         cause = " ".join(cause.split())[:300]
     if download and not present:  # what a failed download left (empty folders, a partial file) is not data
