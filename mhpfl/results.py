@@ -51,6 +51,9 @@ def load_summary(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir() or path.name != SUMMARY:
         path = path / SUMMARY
+    if path.parent.is_file():
+        raise UserError(f"{path.parent} is a file, not a run folder (one holding {SUMMARY}); pass the "
+                        "run's folder")
     try:
         text = path.read_text()
     except FileNotFoundError:

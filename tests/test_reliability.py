@@ -69,6 +69,8 @@ def test_compare_and_report_name_the_damaged_file(tmp_path, capsys):
     (bad / "summary.json").write_text(json.dumps({"method": "standalone"}))
     one_line_error(capsys, main(["compare", str(good), str(bad)]), str(bad / "summary.json"), "best_mean_acc")
     one_line_error(capsys, main(["compare", str(tmp_path / "nope")]), "not found")
+    (tmp_path / "afile").write_text("x")
+    one_line_error(capsys, main(["compare", str(tmp_path / "afile")]), "is a file, not a run folder")
 
     # a bench folder whose one planned run has a damaged summary
     out = tmp_path / "bench"
