@@ -35,6 +35,8 @@ def test_bad_suites_give_one_line_errors(tmp_path, data_root):
     assert "tolerance_per_method must be a table" in _err(tmp_path, data_root,
                                                           extra="[check]\ntolerance_per_method = 5")
     assert "fedavg supports only the homo zoo" in _err(tmp_path, data_root, extra='methods = ["fedavg"]')
+    assert "no runs (fedavg supports only the homo zoo and no setting uses it; set zoo" in _err(
+        tmp_path, data_root, methods=("fedavg",))  # the suite's list: skipped where it cannot run
     assert "is for single runs (mhpfl run)" in _err(tmp_path, data_root, extra='test_eval = "improved"')
     bad = write_suite(tmp_path, data_root, extra="[[ablations]]\nname='r'\nsetting='A'\noption='nope'\nvalues=[1]")
     with pytest.raises(UserError, match="pfedlora has no option 'nope'"):

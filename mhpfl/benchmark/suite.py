@@ -436,7 +436,11 @@ def build_suite(raw: dict[str, Any], *, source: str, text: str, default_name: st
     chk = {"tolerance": _expect(f"{where} [check] tolerance", check.get("tolerance", 2.0), float, "a number"),
            **per_method}
     if not entries:
-        raise UserError(f"{where}: expands to no runs (no installed method can run any setting)")
+        skipped = sorted({m for st in settings for m in st.skipped})
+        why = ", ".join(f"{m} supports only the {' or '.join(classes[m].zoos)} zoo" for m in skipped)
+        raise UserError(f"{where}: expands to no runs ("
+                        + (f"{why} and no setting uses it; set zoo in a setting" if skipped
+                           else "no installed method can run any setting") + ")")
     return Suite(name, description, source, text, settings, ablations, methods, rep, chk, entries)
 
 
