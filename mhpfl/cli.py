@@ -224,6 +224,7 @@ def cmd_run(argv: list[str]) -> int:
         from mhpfl.engine import run
 
     target = out.with_name(f".{out.name}.inflight.{os.getpid()}") if replace else out
+    made = not target.exists()  # a folder this attempt makes and leaves empty is removed
     done = False  # a finished new run is never deleted, even where it cannot take the old one's place
     try:
         try:
@@ -253,6 +254,8 @@ def cmd_run(argv: list[str]) -> int:
     finally:
         if replace and not done:
             shutil.rmtree(target, ignore_errors=True)
+        elif made and not done and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
     print(_result_line(summary, out))
     return 0
 

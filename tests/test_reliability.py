@@ -232,6 +232,13 @@ def test_a_finished_rerun_that_cannot_replace_the_old_one_is_kept(tmp_path, data
     assert json.loads((new / "summary.json").read_text())["config"] == json.loads(before["summary.json"])["config"]
 
 
+def test_a_run_that_fails_before_training_leaves_no_empty_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    one_line_error(capsys, main(["run", "standalone", "--dataset", "cifar10", "--no-download", "--rounds", "1",
+                                 "--data-root", str(tmp_path / "empty"), "--out", str(out)]), "cifar10 not found")
+    assert not out.exists()
+
+
 class FullDisk:
     """A file object whose write stores half of the text, then fails like a full disk."""
 
