@@ -78,7 +78,8 @@ def load_summary(path: str | Path) -> dict[str, Any]:
     return s
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -89,9 +90,9 @@ def _whole(v: Any) -> bool:
 # What the consumers compute with (None where the engine writes it for a run that has no value).
 FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "method": (lambda v: isinstance(v, str), "a string"),
-    **{f: (_number, "a number") for f in ("final_mean_acc", "selected_mean_acc", "selected_weighted_acc",
+    **{f: (is_number, "a number") for f in ("final_mean_acc", "selected_mean_acc", "selected_weighted_acc",
                                          "final_std_acc", "wall_seconds", "train_flops")},
-    **{f: (lambda v: v is None or _number(v), "a number or null")
+    **{f: (lambda v: v is None or is_number(v), "a number or null")
        for f in ("best_mean_acc", "selected_mean_acc_participated")},
     **{f: (_whole, "a whole number") for f in ("bytes_up", "bytes_down", "rounds_run",
                                               "selected_round", "never_participated")},

@@ -22,7 +22,7 @@ from mhpfl.benchmark.runner import code_fingerprint, machine_info, run_dirname, 
 from mhpfl.benchmark.suite import Suite
 from mhpfl.errors import Interrupted, UserError
 from mhpfl.io import atomic_write_json
-from mhpfl.results import load_summary
+from mhpfl.results import is_number, load_summary
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,7 +79,7 @@ def read_reference(path: Path, suite: Suite) -> dict[str, Any] | None:
 def _reference_problem(ref: dict[str, Any]) -> str | None:
     """What in a reference's numbers the comparison could not use, or None."""
     def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_number(v) and math.isfinite(v)
 
     def numbers(d):
         return isinstance(d, dict) and all(number(v) for v in d.values())

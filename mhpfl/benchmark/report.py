@@ -35,7 +35,7 @@ import pandas as pd
 
 from mhpfl.errors import UserError
 from mhpfl.io import atomic_write_text
-from mhpfl.results import ROUNDS, SELECTED_FINAL_ROUND, load_summary, rounds_problem
+from mhpfl.results import ROUNDS, SELECTED_FINAL_ROUND, is_number, load_summary, rounds_problem
 
 PAPER = {"acc": 1.35, "comp": 11.81, "comm": 7.41}
 # accuracy views of a run: column -> (summary field, what it is)
@@ -714,7 +714,7 @@ MACHINE_KEYS = ("cpu", "cores", "gpu", "device", "torch", "python", "platform")
 
 
 def _session_ok(s: Any) -> bool:
-    return (isinstance(s, dict) and all(k in s for k in SESSION_KEYS) and isinstance(s["wall_seconds"], (int, float))
+    return (isinstance(s, dict) and all(k in s for k in SESSION_KEYS) and is_number(s["wall_seconds"])
             and isinstance(s["machine"], dict) and all(k in s["machine"] for k in MACHINE_KEYS))
 
 

@@ -141,8 +141,12 @@ def _torchvision(name: str, root: Path, download: bool):
         except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError ...
             raise UserError(f"{name}: {root / cls.filename} is corrupt ({type(e).__name__}: {e}); replace it "
                             "with a fresh copy from https://www.cs.toronto.edu/~kriz/") from None
-    present = any(raw.iterdir()) if idx and raw.is_dir() else (not idx and (root / cls.base_folder).is_dir())
-    made = [p for p in ((root / cls.__name__) if idx else (root / cls.filename),) if not p.exists()]
+    if idx:  # an empty raw folder (left by an earlier failed download) holds no data
+        present = raw.is_dir() and any(raw.iterdir())
+    else:
+        present = (root / cls.base_folder).is_dir()
+    made = root / cls.__name__ if idx else root / cls.filename  # what a download would create
+    fresh = not made.exists()
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except OSError as e:  # download failed (no network, refused, ...), or unreadable files
@@ -155,9 +159,11 @@ def _torchvision(name: str, root: Path, download: bool):
                      else f"cannot be parsed: {type(e).__name__} {e}")
     if cause:
         cause = " ".join(cause.split())[:300]
-    if download and not present:  # what a failed download left (empty folders, a partial file) is not data
-        for p in made:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if download and not present and fresh:  # what a failed download left (folders, a partial file) is not data
+        if made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            made.unlink(missing_ok=True)
     if present:
         if idx:
             what = next((f"{raw / f} is missing" for f in FMNIST_FILES if not (raw / f).is_file()), None)
