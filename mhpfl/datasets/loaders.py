@@ -146,7 +146,7 @@ def _torchvision(name: str, root: Path, download: bool):
     else:
         present = (root / cls.base_folder).is_dir()
     made = root / cls.__name__ if idx else root / cls.filename  # what a download would create
-    fresh = not made.exists()
+    made_now = not made.exists()
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except OSError as e:  # download failed (no network, refused, ...), or unreadable files
@@ -159,7 +159,7 @@ def _torchvision(name: str, root: Path, download: bool):
                      else f"cannot be parsed: {type(e).__name__} {e}")
     if cause:
         cause = " ".join(cause.split())[:300]
-    if download and not present and fresh:  # what a failed download left (folders, a partial file) is not data
+    if download and not present and made_now:  # what a failed download left (folders, a partial file) is not data
         if made.is_dir():
             shutil.rmtree(made, ignore_errors=True)
         else:
