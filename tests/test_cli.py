@@ -212,6 +212,19 @@ def test_a_plugin_hook_that_raises_is_one_line_naming_the_plugin(tmp_path, data_
     trace.unlink()
 
 
+@needs_fmnist
+def test_an_error_mid_run_ends_the_progress_bar_line_first(tmp_path, data_root):
+    """With the progress bar on, the one-line error starts its own line and no bar is redrawn
+    after it (the bar is closed on any error, Ctrl-C included)."""
+    p = mhpfl("run", "standalone", "--clients", "5", "--rounds", "3", "--train-fraction", "0.05", "--lr", "1e12",
+              "--grad-clip", "0", "--data-root", data_root, "--no-download", "--out", str(tmp_path / "run"))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.rstrip("\n").split("\n")
+    assert "standalone fmnist" in p.stderr and "Traceback" not in p.stderr  # the bar was drawn
+    assert lines[-1].startswith("error: standalone: loss became "), p.stderr
+    assert all("error" not in line for line in lines[:-1]), p.stderr
+
+
 def test_an_unexpected_error_is_one_line_with_the_traceback_kept(capsys, monkeypatch):
     """A bug (ours or a plugin's) in any command: one line, exit 1, the traceback in a file."""
     from mhpfl import cli

@@ -159,8 +159,9 @@ def test_one_line_errors(tmp_path, data_root, local_ray, monkeypatch, capsys):
                  "--address", f"127.0.0.1:{port}", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"no Ray cluster answers at --address 127.0.0.1:{port}" in err and "Traceback" not in err
-    assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "b"), "--run-gpus", "1"]) == 2
-    assert "need --executor ray" in capsys.readouterr().err
+    for ray_only in (["--run-gpus", "1"], ["--run-cpus", "2"], ["--max-retries", "-1"], ["--max-retries", "0"]):
+        assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "b"), *ray_only]) == 2
+        assert "need --executor ray" in capsys.readouterr().err
     # Ray not installed: says exactly what to install
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "c"), "--executor", "ray",

@@ -59,11 +59,11 @@ def cmd_bench(argv: list[str]) -> int:
     g.add_argument("--address", default=None,
                    help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start a local "
                         "Ray instance)")
-    g.add_argument("--run-cpus", type=float, default=1.0, help="CPUs each run reserves on Ray (default 1)")
+    g.add_argument("--run-cpus", type=float, default=None, help="CPUs each run reserves on Ray (default 1)")
     g.add_argument("--run-gpus", type=float, default=None,
                    help="GPUs each run reserves on Ray, fractions allowed (0.25: four runs share a GPU; "
                         "default 1 with --device cuda, else 0)")
-    g.add_argument("--max-retries", type=int, default=2,
+    g.add_argument("--max-retries", type=int, default=None,
                    help="Ray retries of a run whose worker or node died (default 2)")
     args = p.parse_args(argv)
     from mhpfl.benchmark.report import check_target, write_report
@@ -79,10 +79,11 @@ def cmd_bench(argv: list[str]) -> int:
         if args.jobs not in (None, 1):
             raise UserError("--jobs is for --executor local; with --executor ray every run is a Ray task "
                             "(size them with --run-cpus / --run-gpus)")
-        ray_opts = RayOptions(address=args.address, run_cpus=args.run_cpus, run_gpus=args.run_gpus,
-                              max_retries=args.max_retries)
-    elif args.address or args.run_gpus is not None:
-        raise UserError("--address and --run-gpus need --executor ray")
+        given = {k: v for k, v in (("run_cpus", args.run_cpus), ("max_retries", args.max_retries)) if v is not None}
+        ray_opts = RayOptions(address=args.address, run_gpus=args.run_gpus, **given)
+    elif args.address or any(v is not None for v in (args.run_cpus, args.run_gpus, args.max_retries)):
+        raise UserError("--address, --run-cpus, --run-gpus and --max-retries need --executor ray "
+                        "(the local executor sizes runs with --jobs and --threads)")
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
     if args.dry_run:

@@ -435,20 +435,22 @@ def drive(cfg: RunConfig, rec: Recorder, play: Callable[[int], Any],
         test = rec.test_due(r, evals)
         rec.record(r, evaluate(r, ("test",)) if test else evals, flops(), with_test=test)
 
-    measure(0)
-    for r in range(1, cfg.rounds + 1):
-        play(r)
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            measure(r)
+    try:
+        measure(0)
+        for r in range(1, cfg.rounds + 1):
+            play(r)
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                measure(r)
+            if bar is not None:
+                last = rec.rows[-1]
+                sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
+                acc = (f"acc {last['mean_acc']:.2f}%" if not math.isnan(last["mean_acc"])
+                       else f"val acc {last['mean_val_acc']:.2f}%")
+                bar.set_postfix_str(f"{acc} (round {last['round']})  sent {_human(sent)}", refresh=False)
+                bar.update(1)
+    finally:  # also on an error or Ctrl-C: the bar's line ends before the one-line error is printed
         if bar is not None:
-            last = rec.rows[-1]
-            sent = sum(rec.cum[k] + rec.pending[k] for k in ("bytes_up", "bytes_down"))
-            acc = (f"acc {last['mean_acc']:.2f}%" if not math.isnan(last["mean_acc"])
-                   else f"val acc {last['mean_val_acc']:.2f}%")
-            bar.set_postfix_str(f"{acc} (round {last['round']})  sent {_human(sent)}", refresh=False)
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
