@@ -196,8 +196,9 @@ def cmd_run(argv: list[str]) -> int:
         from mhpfl import flower
 
         app = flower.write_app(cfg, args.flower_app, str(out))
-        print(f"wrote the Flower App {app}/pyproject.toml; with a SuperLink and SuperNodes running, submit it "
-              f"with: flwr run {app} CONNECTION --stream   (results go to {out.resolve()})")
+        print(f"wrote the Flower App {app}/pyproject.toml; submit it with: flwr run {app} CONNECTION --stream "
+              f"(CONNECTION: a SuperLink with SuperNodes, or one with address \":local:\" for Flower's own local "
+              f"simulation; see docs/scale-out.md); results go to {out.resolve()}")
         return 0
     replace = False
     if (out / "summary.json").exists():

@@ -32,7 +32,7 @@ ENGINE_FIELDS = ("engine", "engine_version", "flower", "wall_seconds")
 def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root):
     from mhpfl.flower import simulate
 
-    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0" and os.environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     methods = sorted(BUILTIN)
     cfgs = [small(m, data_root) for m in methods]
     # partial participation, evaluated every round: both engines reuse unchanged clients' evaluations

@@ -3,8 +3,8 @@
 The same Method classes, unchanged, as a Flower app on Flower's Message API (mhpfl/flower/app.py):
 in Flower's simulation runtime by default (`run_flower`), or as a real federation of a
 SuperLink and SuperNodes (`write_app` writes the Flower App that `flwr run` submits).
-Flower is imported only here, only when asked for; its telemetry is off unless the user
-turns it on (FLWR_TELEMETRY_ENABLED).
+Flower is imported only here, only when asked for; its telemetry and its tools' update check
+are off unless the user turns them on (mhpfl/telemetry.py).
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def simulate(cfgs: list[RunConfig], outs: list[str | Path | None], progress: boo
 
 APP_PYPROJECT = """\
 # A Flower App running mhpfl's {method} ({name}); written by `mhpfl run ... --engine flower --flower-app`.
-# Submit it to a running SuperLink:  flwr run {app_dir} CONNECTION --stream
+# Submit it to a SuperLink (a deployment, or address ":local:" for Flower's local simulation):
+#   flwr run {app_dir} CONNECTION --stream
 [build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
