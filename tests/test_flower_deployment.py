@@ -157,8 +157,9 @@ def test_flwr_run_on_the_superlink_flower_manages_for_local_simulation(tmp_path,
     client here, `--federation-config num-supernodes=2`). No `run_simulation` involved."""
     cfg = _write_app(tmp_path, data_root, capsys)
     control = _free_port()
+    # its SuperLink `uv sync`s the App into a runtime environment: no dependencies, no network
     env = _flwr_env(tmp_path, 'address = ":local:"', FLWR_LOCAL_CONTROL_API_PORT=str(control),
-                    FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()))
+                    FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()), UV_OFFLINE="1")
     try:
         done = subprocess.run([str(BIN / "flwr"), "run", str(tmp_path / "app"), "test", "--stream",
                                "--federation-config", "num-supernodes=2"],
