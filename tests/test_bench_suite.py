@@ -133,6 +133,10 @@ def test_shipped_suites(name):
     assert listed == EVERY_METHOD  # every method of the benchmark
     for st in s.settings:
         assert "fedavg" not in st.methods or st.cfg.zoo == "homo"
+    for a in s.ablations:  # 0 adapter epochs means --local-epochs: that value again repeats the main run
+        if a["option"] == "adapter_epochs":
+            local = next(st.cfg.local_epochs for st in s.settings if st.name == a["setting"])
+            assert local not in a["values"], (a, local)
     if name == "quick":
         # the 45-minute suite: full's N10 setting alone, the very same runs (keys), 3 seeds
         full = load_suite("full", only_available=True)
