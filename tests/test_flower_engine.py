@@ -67,6 +67,20 @@ def test_every_method_on_flower_equals_the_inprocess_engine(tmp_path, data_root)
             {k: v for k, v in ref.items() if k not in ENGINE_FIELDS}, m
 
 
+@needs_fmnist
+def test_a_quiet_flower_run_prints_only_its_result(tmp_path, data_root):
+    """No third-party start-up notice reaches the user: Flower's banner on run_simulation's
+    deprecation and Ray's tip on a future default are hidden; a quiet run's stderr is empty."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "mhpfl.cli", "run", "standalone", "--engine", "flower", "--clients", "2",
+                        "--partition", "dirichlet:0.5", "--rounds", "1", "--train-fraction", "0.05", "--data-root",
+                        data_root, "--no-download", "--quiet", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("standalone: acc ") and p.stdout.count("\n") == 1, p.stdout
+
+
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from mhpfl.cli import main
 

@@ -9,6 +9,7 @@ are off unless the user turns them on (mhpfl/telemetry.py).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,13 @@ def _import_flwr():
     except ImportError:
         raise UserError(f"--engine flower needs Flower with its simulation runtime, which is not installed: "
                         f"{INSTALL_HINT}") from None
+
+
+def _not_the_run_simulation_notice(record) -> bool:
+    """Flower 1.42's banner on `run_simulation`'s deprecation, printed on every run, asks nothing of
+    mhpfl's users: pyproject caps flwr below 2, and the written Flower App already runs on the
+    successor, flwr's managed local SuperLink (docs/scale-out.md, tests/test_flower_deployment.py)."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def run_flower(cfg: RunConfig, out: str | Path | None = None, progress: bool = True,
@@ -89,11 +97,16 @@ def simulate(cfgs: list[RunConfig], outs: list[str | Path | None], progress: boo
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.WARNING)
+    flwr_log.addFilter(_not_the_run_simulation_notice)
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=max(c.clients for c in cfgs),
-                       backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
-                                       "init_args": init_args})
+        with warnings.catch_warnings():  # Ray's tip on a future default for 0-GPU tasks: ours work either way
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=max(c.clients for c in cfgs),
+                           backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
+                                           "init_args": init_args})
     finally:
+        flwr_log.removeFilter(_not_the_run_simulation_notice)
         flwr_log.setLevel(level)
     if "error" in result:
         raise result["error"]
