@@ -162,6 +162,13 @@ def test_one_line_errors(tmp_path, data_root, local_ray, monkeypatch, capsys):
     for ray_only in (["--run-gpus", "1"], ["--run-cpus", "2"], ["--max-retries", "-1"], ["--max-retries", "0"]):
         assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "b"), *ray_only]) == 2
         assert "need --executor ray" in capsys.readouterr().err
+    # a dry run refuses the Ray options the real run refuses
+    for bad, said in ((["--max-retries", "-1"], "--max-retries must be >= 0"),
+                      (["--run-cpus", "0"], "--run-cpus must be > 0"),
+                      (["--run-gpus", "1.5"], "--run-gpus must be a fraction")):
+        assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "b"), "--executor", "ray",
+                     "--dry-run", *bad]) == 2
+        assert said in capsys.readouterr().err
     # Ray not installed: says exactly what to install
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["bench", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "c"), "--executor", "ray",

@@ -86,6 +86,9 @@ def cmd_bench(argv: list[str]) -> int:
                         "(the local executor sizes runs with --jobs and --threads)")
     suite = load_suite(args.suite, overrides=_overrides(args))
     out = args.out or f"runs/{suite.name}"
+    if ray_opts is not None:  # before any run, and with --dry-run: it refuses what the real run refuses
+        for device in {e.cfg.device for e in suite.runs().values()}:
+            ray_opts.validate(device)
     if args.dry_run:
         from pathlib import Path
 
