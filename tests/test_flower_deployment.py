@@ -151,6 +151,7 @@ def _stop_managed_superlinks(control_port: int) -> None:
 
 @needs_fmnist
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="stopping flwr's SuperLink afterwards reads /proc")
 def test_flwr_run_on_the_superlink_flower_manages_for_local_simulation(tmp_path, data_root, capsys):
     """`flwr run APP CONNECTION` where CONNECTION has `address = ":local:"`: flwr starts its own
     SuperLink, which runs the app in Flower's simulation runtime (one virtual SuperNode per
