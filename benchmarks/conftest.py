@@ -68,6 +68,7 @@ def pytest_terminal_summary(terminalreporter):
             w(f"{r['method']:<12}{r['engine_s']:>9.3f}{r['floor_s']:>9.3f}{r['ratio']:>7.2f}{r['gflops']:>9.1f}"
               f"{r['floor_train_gflops']:>13.1f}{r['floor_eval_gflops']:>12.1f}{pk:>8}"
               f"{r['floor_svd_s']:>13.3f}")
-        w("GFLOP/s: 2 FLOPs per multiply-add, the round's metered passes (training x3, inference and "
-          "evaluation x1) over the engine's round time; floor train/eval: the floor's rate on each kind of pass; "
-          "floor SVD s: the round's SVDs (FedKD's compression) replayed, part of the floor.")
+        w("GFLOP/s: 2 FLOPs per multiply-add, the round's passes as torch's FlopCounterMode counts them "
+          "in the floor's replay (a training pass: its forward and the backward autograd runs for its "
+          "trainable parameters) over the engine's round time; floor train/eval: the floor's rate on "
+          "each kind of pass; floor SVD s: the round's SVDs (FedKD's compression) replayed, part of the floor.")

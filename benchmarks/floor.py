@@ -1,14 +1,17 @@
 """The floor of a round: exactly the passes an engine round ran, replayed with no framework.
 
 `Tracer` records every forward pass of every module a client registered with `client.track`
-during one round of a real run (a round after the clients' set-up) (input batch shape, whether it trains and which parameters are
-trainable, its metered FLOPs), so the floor does exactly that round's work: the same models, the
+during one round of a real run (a round after the clients' set-up): input batch shape, whether it
+trains, and which parameters are trainable. So the floor does exactly that round's work: the same models, the
 same number of SGD steps at the same batch sizes, the same inference passes (public scores,
 validation and test evaluation) and any extra work a method does by design (FedMD's public
 passes, FedKD's mentee). `replay` runs those passes as a bare PyTorch loop: a training pass is
 forward + a scalar loss + backward + gradient clipping + an SGD step on the recorded trainable
 parameters; an inference pass is a forward pass in inference mode. Inputs are random tensors of
 the recorded shapes, gathered by a random index for training batches as the engine does.
+Each pass's FLOPs are counted by torch's FlopCounterMode on the floor's own replay (`Floor._count`):
+a training pass's backward is what autograd runs for its trainable parameters, not a nominal
+2x forward.
 The tracer also records every truncated SVD the round runs (`lowrank.truncated_svd`: FedKD
 compresses each upload and each aggregate: work by design, not a forward pass), with its
 arguments, and the floor runs the same decompositions of the same matrices
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from mhpfl.engine.meter import FlopMeter
-from mhpfl.lean import SGD, clip_grad_norm
+from mhpfl.lean import SGD, clip_grad_norm, total_flop_counter
 from mhpfl.methods import lowrank
 
 
@@ -34,7 +37,7 @@ class Pass:
     shape: tuple[int, ...]  # input batch shape
     train: bool
     trainable: tuple[nn.Parameter, ...]
-    flops: int  # fvcore's per-sample forward FLOPs x batch (multiply-adds; x3 for a training pass)
+    flops: int = 0  # multiply-adds of the pass as the floor runs it (`Floor._count`)
 
 
 class Tracer:
@@ -58,14 +61,12 @@ class Tracer:
 
         def track(meter, module, in_shape, label):
             out = orig(meter, module, in_shape, label)
-            per_sample = meter.per_sample[label]
 
             def hook(mod, args, output):
                 if tracer.recording and args and torch.is_tensor(args[0]):
                     grad = torch.is_grad_enabled()
                     tracer.passes.append(Pass(mod, tuple(args[0].shape), grad,
-                                              tuple(p for p in mod.parameters() if p.requires_grad) if grad else (),
-                                              per_sample * args[0].shape[0] * (3 if grad else 1)))
+                                              tuple(p for p in mod.parameters() if p.requires_grad) if grad else ()))
 
             old = tracer._handles.pop(id(module), None)
             if old is not None:
@@ -111,6 +112,7 @@ class Floor:
                 # the engine's optimizer (torch's update, bit for bit): torch.optim.SGD's step would
                 # import torch._dynamo, after which lean.SGD falls back to it in the timed rounds too
                 self.opts[key] = SGD(p.trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self._count()
 
     @property
     def flops(self) -> int:
@@ -125,30 +127,54 @@ class Floor:
         `train` True/False); returns the seconds taken."""
         t0 = time.perf_counter()
         for p, idx in zip(self.passes, self.index):
-            if train is not None and p.train != train:
-                continue
-            pool = self.pools[p.shape[1:]]
-            if p.train:
-                ids = {id(q) for q in p.trainable}
-                for q in p.module.parameters():
-                    q.requires_grad_(id(q) in ids)
-                p.module.train()
-                out = p.module.forward(pool[idx])
-                out = out[0] if isinstance(out, tuple) else out
-                loss = out.float().logsumexp(1).mean()  # a scalar that every output feeds
-                opt = self.opts.get(tuple(id(q) for q in p.trainable))
-                if opt is None:  # nothing trainable: backward through the frozen module only
-                    continue
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip:
-                    clip_grad_norm(p.trainable, self.grad_clip)
-                opt.step()
-            else:
-                p.module.eval()
-                with torch.inference_mode():
-                    p.module.forward(pool[:p.shape[0]])
+            if train is None or p.train == train:
+                self._run(p, idx)
         return time.perf_counter() - t0
+
+    def _run(self, p: Pass, idx, step: bool = True) -> None:
+        """One pass: a training pass is forward, a scalar loss, backward, gradient clipping and an
+        SGD step (`step` False: forward and backward only); an inference pass is a forward pass."""
+        pool = self.pools[p.shape[1:]]
+        if not p.train:
+            p.module.eval()
+            with torch.inference_mode():
+                p.module.forward(pool[:p.shape[0]])
+            return
+        ids = {id(q) for q in p.trainable}
+        for q in p.module.parameters():
+            q.requires_grad_(id(q) in ids)
+        p.module.train()
+        out = p.module.forward(pool[idx])
+        out = out[0] if isinstance(out, tuple) else out
+        loss = out.float().logsumexp(1).mean()  # a scalar that every output feeds
+        opt = self.opts.get(tuple(id(q) for q in p.trainable))
+        if opt is None:  # nothing of this module trains (another module's loss uses its output)
+            return
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step:
+            if self.grad_clip:
+                clip_grad_norm(p.trainable, self.grad_clip)
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+
+    def _count(self) -> None:
+        """Each pass's FLOPs as torch's FlopCounterMode counts the floor's own work, in
+        multiply-adds: the forward pass, and for a training pass the backward pass as autograd runs
+        it, which computes only what the trainable parameters need. With the model frozen and
+        LoRA on its last layer (pFedLoRA's adapter phase) that is about one forward pass, not the
+        three of a fully trained one; the first layer's input gradient is never computed either.
+        One count per distinct pass (module, batch shape, kind, trainable parameters), outside
+        the timing; no SGD step is taken."""
+        counted: dict[tuple, int] = {}
+        for p, idx in zip(self.passes, self.index):
+            key = (id(p.module), p.shape, p.train, tuple(id(q) for q in p.trainable))
+            if key not in counted:
+                with total_flop_counter() as fc:
+                    self._run(p, idx, step=False)
+                counted[key] = fc.get_total_flops() // 2
+            p.flops = counted[key]
 
     def replay_decompositions(self) -> float:
         """Run the round's truncated SVDs once, on the matrices the round decomposed; returns the
