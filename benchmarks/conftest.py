@@ -43,8 +43,12 @@ def pytest_terminal_summary(terminalreporter):
     w = terminalreporter.write_line
     w("")
     w(f"== round time vs floor: {cpu_model()}, {THREADS} thread(s), torch {torch.__version__} ==")
-    if "peak" in PEAK:
-        w(f"peak fp32 (matmul): {PEAK['peak'] / 1e9:.1f} GFLOP/s")
+    if "peak" in PEAK:  # measured again at the end: the better of the two is the core's
+        from benchmarks.floor import peak_flops
+
+        first, PEAK["peak"] = PEAK["peak"], max(PEAK["peak"], peak_flops())
+        w(f"peak fp32 (matmul): {PEAK['peak'] / 1e9:.1f} GFLOP/s (the better of the session's first "
+          f"and last measurement; the first: {first / 1e9:.1f})")
     for k, v in PEAK.items():
         if k.startswith("batched "):
             w(f"{k} clients in one vmap step vs one at a time: {v:.2f}x (> 1: batching is faster)")

@@ -198,12 +198,15 @@ def _on_copies(passes: list[Pass]) -> list[Pass]:
             for p in passes]
 
 
-def peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """The core's measured fp32 rate: FLOP/s (2 per multiply-add) of an n x n matmul, best of
-    `repeats`."""
+def peak_flops(n: int = 1024, seconds: float = 1.0) -> float:
+    """The core's measured fp32 rate: FLOP/s (2 per multiply-add) of an n x n matmul, the best of
+    as many as run in `seconds` (at least 5): a core that has just woken up, or a moment of load
+    from elsewhere, reads low over a few calls."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best, end, calls = float("inf"), time.perf_counter() + seconds, 0
+    while calls < 5 or time.perf_counter() < end:
+        best, calls = min(best, _timed(lambda: torch.mm(a, b))), calls + 1
     return 2 * n ** 3 / best
 
 
