@@ -2,8 +2,8 @@
 
 `Tracer` records every forward pass of every module a client registered with `client.track`
 during one round of a real run (a round after the clients' set-up): input batch shape, whether it
-trains, and which parameters are trainable. So the floor does exactly that round's work: the same models, the
-same number of SGD steps at the same batch sizes, the same inference passes (public scores,
+trains, and which parameters are trainable. So the floor does exactly that round's work: the same
+models, the same number of SGD steps at the same batch sizes, the same inference passes (public scores,
 validation and test evaluation) and any extra work a method does by design (FedMD's public
 passes, FedKD's mentee). `replay` runs those passes as a bare PyTorch loop: a training pass is
 forward + a scalar loss + backward + gradient clipping + an SGD step on the recorded trainable
