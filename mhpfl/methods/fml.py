@@ -22,7 +22,8 @@ Defaults and their sources:
 One `client.fit` call trains both parameter sets on L_local + L_meme. The two losses share no
 parameters' gradients (each KL detaches the other model), so this equals the official two
 optimizers stepping on the same batch; the only difference is that gradient-norm clipping
-(--grad-clip, default 50, rarely active) is applied to the joint norm of both models.
+(--grad-clip, default 50) is applied to the joint norm of both models. It never acted in seed 0
+of quick's N10 or full's N50 setting: the joint norm stayed under 17.4 (benchmarks/clip_count.py).
 """
 from __future__ import annotations
 
