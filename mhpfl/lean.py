@@ -14,7 +14,8 @@ to recognise user-written triton kernels, which an eager run never has: `flop_co
 it without triton. Gradient clipping multiplies every gradient by 1 when nothing is clipped:
 `clip_grad_norm` skips that. And glibc's malloc hands freed blocks back to the kernel, so every
 batch's tensors fault their pages in again: `retain_freed_memory()` keeps them.
-SGD does not copy the gradients (`SGD`), and the FLOP meter counts a step's total with
+SGD does not copy the gradients and runs its later steps in one pass over memory (`SGD`,
+`mhpfl.fused_sgd`), and the FLOP meter counts a step's total with
 FlopCounterMode minus its per-module bookkeeping (`total_flop_counter`).
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ import sys
 from types import ModuleType
 
 import torch
+
+from mhpfl import fused_sgd
 
 
 def deterministic_algorithms(device: str = "cpu") -> None:
@@ -108,7 +111,10 @@ class SGD(torch.optim.SGD):
       parameter by -lr times the gradient itself, and the gradient tensor becomes the buffer
       (one copy of every parameter per `Client.fit` not made).
     So after the first step `p.grad` is None, and after a later one it holds the decayed
-    gradient; every caller sets gradients anew before the next step."""
+    gradient; every caller sets gradients anew before the next step.
+    Later steps with momentum run in one pass per parameter where `mhpfl.fused_sgd` can (its
+    arithmetic is torch's four passes', bit for bit: checked on the machine before use, and
+    tested); the gradient is then left as it was."""
 
     _raw_step = getattr(torch.optim.SGD.step, "__wrapped__", None)
 
@@ -116,6 +122,8 @@ class SGD(torch.optim.SGD):
         if self._raw_step is None or self.defaults.get("differentiable") or "torch._dynamo" in sys.modules:
             return super().step(closure)
         with torch.no_grad():
+            if closure is None and self._fused_step():
+                return None
             decayed, adopted = [], []
             for group in self.param_groups if closure is None else ():
                 grads = [p for p in group["params"] if p.grad is not None]
@@ -140,6 +148,34 @@ class SGD(torch.optim.SGD):
                     group["momentum"] = momentum
                     for p in grads:
                         self.state[p]["momentum_buffer"], p.grad = p.grad, None
+
+    def _fused_step(self) -> bool:
+        """Every group's update through `fused_sgd`, if every group has momentum (no Nesterov,
+        no dampening, plain float hyperparameters) and every parameter with a gradient has a
+        momentum buffer, and the kernel takes them all; else False, nothing changed."""
+        if not fused_sgd.enabled():
+            return False
+        updates = []
+        for group in self.param_groups:
+            wd, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
+            if (group["maximize"] or group.get("fused") or group.get("foreach") or group["nesterov"]
+                    or group["dampening"] or not momentum
+                    or not all(type(v) in (int, float) for v in (wd, momentum, lr))):
+                return False
+            triples = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    buf = self.state.get(p, {}).get("momentum_buffer")
+                    if buf is None or p.grad.is_sparse:
+                        return False
+                    triples.append((p, p.grad, buf))
+            update = fused_sgd.prepare(triples, float(wd), float(momentum), float(lr))
+            if update is None:
+                return False
+            updates.append(update)
+        for update in updates:
+            update()
+        return True
 
 
 def host_reads_are_free(t: torch.Tensor) -> bool:

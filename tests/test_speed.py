@@ -398,25 +398,34 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     assert 2 * faults["keep"] < faults["default"], faults
 
 
-def test_lean_sgd_is_torch_sgd_bit_for_bit():
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.mark.parametrize("fused", [
+    pytest.param("1", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler for mhpfl.fused_sgd")),
+    "0"])
+def test_lean_sgd_is_torch_sgd_bit_for_bit(fused):
     """lean.SGD (no dynamo import; weight decay added to the gradient in place; the first
-    step's gradient kept as the momentum buffer) and torch.optim.SGD, three steps each with
-    momentum and weight decay, one layer without a gradient at the first step: the same
-    parameters and momentum buffers bit for bit. In a fresh process, lean's steps first: once
-    torch's own optimizer has imported torch._dynamo, lean.SGD falls back to torch's step and
-    would compare torch with itself."""
+    step's gradient kept as the momentum buffer; later steps in one pass per parameter through
+    mhpfl.fused_sgd, or with MHPFL_FUSED_SGD=0 torch's passes) and torch.optim.SGD, four steps
+    each with momentum and weight decay, one layer without a gradient at the first step, one
+    thread: the same parameters and momentum buffers bit for bit. In a fresh process, lean's
+    steps first: once torch's own optimizer has imported torch._dynamo, lean.SGD falls back to
+    torch's step and would compare torch with itself."""
     code = """
 import sys, torch
 import torch.nn.functional as F
+from mhpfl import fused_sgd
 from mhpfl.lean import SGD, eager_optimizers
 from mhpfl.models import build_model
 eager_optimizers()
+torch.set_num_threads(1)
 torch.manual_seed(0)
 a, b = build_model("cnn3", (1, 28, 28), 10), build_model("cnn3", (1, 28, 28), 10)
 b.load_state_dict(a.state_dict())
 x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
 def train(m, opt):
-    for i in range(3):
+    for i in range(4):
         opt.zero_grad(set_to_none=True)
         m.fc1.requires_grad_(i > 0)  # a parameter without a gradient at the first step
         F.cross_entropy(m(x), y).backward()
@@ -429,11 +438,62 @@ bufs_a = train(a, SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
 assert "torch._dynamo" not in sys.modules, "lean.SGD fell back to torch's step"
 bufs_b = train(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
 print(all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters())),
-      all(torch.equal(u, v) for u, v in zip(bufs_a, bufs_b)))
+      all(torch.equal(u, v) for u, v in zip(bufs_a, bufs_b)), sorted(set(fused_sgd._checked.values())))
 """
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "MHPFL_FUSED_SGD": fused}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.split() == ["True", "True"]
+    # with the kernel on, it was compiled, passed its check and ran (steps 2-4); off, never tried
+    assert p.stdout.split() == ["True", "True", "[True]" if fused == "1" else "[]"]
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler for mhpfl.fused_sgd")
+def test_fused_sgd_is_used_only_where_it_is_torch_bit_for_bit(monkeypatch):
+    """mhpfl.fused_sgd: a channels-last conv weight and a linear layer's parameters in one pass,
+    the same as torch's passes (weight decay or none); nothing where a gradient has other
+    strides, with several torch threads, or with MHPFL_FUSED_SGD=0; and a kernel that rounds
+    differently from torch is rejected by its check, so torch's passes run."""
+    from mhpfl import fused_sgd
+    from mhpfl.lean import SGD
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    gen = torch.Generator().manual_seed(1)
+    conv = torch.randn(32, 16, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    params = [conv, torch.randn(500, 77, generator=gen), torch.randn(13, generator=gen)]
+
+    def triples():  # (parameter, gradient, buffer), each in the parameter's layout
+        return [tuple(torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen)) for _ in range(3))
+                for p in params]
+
+    for wd in (1e-3, 0.0):
+        t = triples()
+        ref = [tuple(x.clone(memory_format=torch.preserve_format) for x in tr) for tr in t]
+        update = fused_sgd.prepare(t, wd, 0.9, 0.01)
+        assert update is not None
+        update()
+        for p, g, buf in ref:
+            fused_sgd._torch_passes(p, g, buf, wd, 0.9, 0.01)
+        assert all(torch.equal(a, b) for tr, rr in zip(t, ref) for a, b in zip(tr, rr))
+
+    p, g, buf = triples()[0]
+    assert fused_sgd.prepare([(p, g.contiguous(), buf)], 1e-3, 0.9, 0.01) is None  # NCHW gradient
+    assert fused_sgd.prepare([(p, g, p)], 1e-3, 0.9, 0.01) is None  # one storage twice
+    assert fused_sgd.prepare([(p, g, buf)], 1e-3, 0.9, 0.01) is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # torch's passes use every thread
+    assert fused_sgd.prepare([(p, g, buf)], 1e-3, 0.9, 0.01) is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("MHPFL_FUSED_SGD", "0")
+    assert not SGD([torch.nn.Parameter(p)], lr=0.01, momentum=0.9)._fused_step()
+    monkeypatch.delenv("MHPFL_FUSED_SGD")
+
+    def one_rounding(lib, p, g, buf, wd, momentum, lr):  # buf * momentum + g rounded once
+        buf.copy_((buf.double() * momentum + g.add(p, alpha=wd).double()).float())
+        p.add_(buf, alpha=-lr)
+
+    monkeypatch.setattr(fused_sgd, "_call", one_rounding)
+    monkeypatch.setattr(fused_sgd, "_checked", {})
+    assert fused_sgd.kernel(1e-3, 0.9, 0.01) is None
+    assert fused_sgd.prepare(triples(), 1e-3, 0.9, 0.01) is None
 
 
 @pytest.mark.parametrize("cores,todo,jobs,threads,expected", [
