@@ -109,8 +109,8 @@ class Floor:
         for p in passes:
             key = tuple(id(q) for q in p.trainable)
             if p.train and key and key not in self.opts:
-                # the engine's optimizer (torch's update, bit for bit): torch.optim.SGD's step would
-                # import torch._dynamo, after which lean.SGD falls back to it in the timed rounds too
+                # the engine's optimizer (torch's update, bit for bit; torch.optim.SGD's step would
+                # import torch._dynamo and make copies lean.SGD does not)
                 self.opts[key] = SGD(p.trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._count()
 

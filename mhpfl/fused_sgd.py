@@ -107,13 +107,16 @@ def kernel(wd: float, momentum: float, lr: float) -> ctypes.CDLL | None:
 
 def _same_dense_layout(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor) -> bool:
     """A CPU float32 parameter laid out densely (contiguous or channels-last), its gradient and
-    buffer with its strides, three separate storages: one flat loop over `numel` elements."""
+    buffer with its strides (but where a dim has size 1: conv1's weight on one input channel comes
+    back from autograd with its gradient's stride there set otherwise), three separate storages:
+    one flat loop over `numel` elements then pairs the same elements."""
     if p.device.type != "cpu" or p.dtype != torch.float32 or p.layout != torch.strided:
         return False
     if not (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))):
         return False
+    strides = [s for s, n in zip(p.stride(), p.shape) if n > 1]  # a size-1 dim's stride places nothing
     if any(t.device != p.device or t.dtype != p.dtype or t.layout != p.layout or t.shape != p.shape
-           or t.stride() != p.stride() for t in (g, buf)):
+           or [s for s, n in zip(t.stride(), t.shape) if n > 1] != strides for t in (g, buf)):
         return False
     return len({t.untyped_storage().data_ptr() for t in (p, g, buf)}) == 3
 

@@ -96,10 +96,20 @@ def flop_counter() -> ModuleType:
     return fc
 
 
+def _compiling() -> bool:
+    """Whether torch.compile (or export) is tracing this call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return "torch._dynamo" in sys.modules if is_compiling is None else is_compiling()
+
+
 class SGD(torch.optim.SGD):
     """torch.optim.SGD, whose step() runs torch's own update under no_grad without the
     `import torch._dynamo` + graph break that torch's step wrapper adds for torch.compile (a
-    no-op in eager mode). Falls back to torch's step if its layout changes.
+    no-op in eager mode). Falls back to torch's step if its layout changes, and inside
+    torch.compile's tracing (`torch.compiler.is_compiling`; on a torch without it, once
+    torch._dynamo is loaded). Until session X it fell back whenever torch._dynamo was loaded,
+    which the first `torch.func.vmap` (the batched engine, `benchmarks/test_batched.py`) or
+    torch.compile does: every later step in that process ran torch's own.
 
     Two copies of the gradients are not made; the arithmetic is torch's, bit for bit (tested):
     - weight decay is added to each gradient in place (`grad.add_(param, alpha=wd)`, the kernel
@@ -119,7 +129,7 @@ class SGD(torch.optim.SGD):
     _raw_step = getattr(torch.optim.SGD.step, "__wrapped__", None)
 
     def step(self, closure=None):
-        if self._raw_step is None or self.defaults.get("differentiable") or "torch._dynamo" in sys.modules:
+        if self._raw_step is None or self.defaults.get("differentiable") or _compiling():
             return super().step(closure)
         with torch.no_grad():
             if closure is None and self._fused_step():

@@ -409,9 +409,10 @@ def test_lean_sgd_is_torch_sgd_bit_for_bit(fused):
     step's gradient kept as the momentum buffer; later steps in one pass per parameter through
     mhpfl.fused_sgd, or with MHPFL_FUSED_SGD=0 torch's passes) and torch.optim.SGD, four steps
     each with momentum and weight decay, one layer without a gradient at the first step, one
-    thread: the same parameters and momentum buffers bit for bit. In a fresh process, lean's
-    steps first: once torch's own optimizer has imported torch._dynamo, lean.SGD falls back to
-    torch's step and would compare torch with itself."""
+    thread, channels-last input as the engine's: the same parameters and momentum buffers bit
+    for bit. In a fresh process, lean's steps first, without torch._dynamo; then, once torch's
+    own optimizer has imported it, lean's steps again on a third model: still lean's own path
+    (until session X lean.SGD fell back to torch's step whenever dynamo was loaded)."""
     code = """
 import sys, torch
 import torch.nn.functional as F
@@ -421,9 +422,13 @@ from mhpfl.models import build_model
 eager_optimizers()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-a, b = build_model("cnn3", (1, 28, 28), 10), build_model("cnn3", (1, 28, 28), 10)
+a, b, c = (build_model("cnn3", (1, 28, 28), 10) for _ in range(3))
 b.load_state_dict(a.state_dict())
-x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+c.load_state_dict(a.state_dict())
+x, y = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.arange(16) % 10
+calls = []
+call = fused_sgd._call
+fused_sgd._call = lambda *args: calls.append(1) or call(*args)
 def train(m, opt):
     for i in range(4):
         opt.zero_grad(set_to_none=True)
@@ -431,20 +436,26 @@ def train(m, opt):
         F.cross_entropy(m(x), y).backward()
         grads = {p: p.grad for p in m.parameters() if p.grad is not None}
         opt.step()
-        if i == 0 and isinstance(opt, SGD):  # the first step's gradients became the buffers
+        if i == 0 and isinstance(opt, SGD):  # lean's path: the first step's gradients became the buffers
             assert all(opt.state[p]["momentum_buffer"] is g and p.grad is None for p, g in grads.items())
     return [opt.state[p]["momentum_buffer"] for p in m.parameters()]
 bufs_a = train(a, SGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
-assert "torch._dynamo" not in sys.modules, "lean.SGD fell back to torch's step"
+assert "torch._dynamo" not in sys.modules, "lean.SGD imported torch._dynamo"
+kernel_calls = len(calls)
 bufs_b = train(b, torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
-print(all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters())),
-      all(torch.equal(u, v) for u, v in zip(bufs_a, bufs_b)), sorted(set(fused_sgd._checked.values())))
+assert "torch._dynamo" in sys.modules
+bufs_c = train(c, SGD(c.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3))
+print(all(torch.equal(pa, pb) and torch.equal(pa, pc) for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters())),
+      all(torch.equal(u, v) and torch.equal(u, w) for u, v, w in zip(bufs_a, bufs_b, bufs_c)),
+      kernel_calls, len(calls) - kernel_calls)
 """
     env = {**os.environ, "MHPFL_FUSED_SGD": fused}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    # with the kernel on, it was compiled, passed its check and ran (steps 2-4); off, never tried
-    assert p.stdout.split() == ["True", "True", "[True]" if fused == "1" else "[]"]
+    # with the kernel on: its check (13 vectors), then 10 parameters x 2 steps (the 3rd and 4th:
+    # at the 2nd, fc1's first gradient has no buffer yet and torch's passes run), before dynamo
+    # and after; off: never called
+    assert p.stdout.split() == ["True", "True", *(("33", "20") if fused == "1" else ("0", "0"))]
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler for mhpfl.fused_sgd")

@@ -20,8 +20,7 @@ def rep_dims(zoo: str, clients: int, in_shape, num_classes) -> dict[str, int]:
     """Size of each architecture's representation (the input of its head), from a forward pass of
     one sample on CPU through uninitialised weights (`to_empty`: no initialisation, no random
     numbers drawn). Not on the meta device: its linear layers run torch's Python decompositions,
-    whose first call imports torch._dynamo (1-2 s, and then lean.SGD falls back to torch's
-    step for the rest of the process)."""
+    whose first call imports torch._dynamo (1-2 s)."""
     out = {}
     for arch, m in zoo_models(zoo, clients, in_shape, num_classes).items():
         with torch.inference_mode():
