@@ -3,14 +3,14 @@
 After its first step, torch.optim.SGD with momentum and weight decay runs four elementwise
 passes over every parameter (the decayed gradient, the buffer times momentum, plus the decayed
 gradient, the parameter update). Each reads and writes whole tensors: for CNN-1's 2.0 M
-parameters about 88 MB of memory traffic a step, where one pass needs 32 MB. No torch op does
+parameters about 88 MB of memory traffic a step, where one pass needs 40 MB. No torch op does
 it in one pass with the same roundings (`fused=True` rounds differently: results would move),
 so a 20-line C loop does (`sgd_step.c`). It is compiled at the first step that can use it
-with the system's C compiler (`$CC`, else `cc`; about 0.05 s, into a temporary folder, once per
+with the system's C compiler (`$CC`, else `cc`; about 0.07 s, into a temporary folder, once per
 process, for this CPU), loaded with ctypes, and used only after it reproduced torch's passes
 bit for bit on this machine, for the step's hyperparameters, on test vectors of every length
-remainder (`kernel`). A CNN-1 step (batch 64, one thread) then spends about 0.9 ms instead of
-2.2 ms in the optimizer (docs/performance.md).
+remainder (`kernel`). A CNN-1 step (batch 64, one thread) then spends 0.8-1.3 ms instead of
+1.6-1.9 ms in the optimizer, about 5% of the step (benchmarks/test_sgd.py, docs/performance.md).
 
 Used for CPU float32 parameters whose gradient and buffer have the parameter's strides, with one
 torch thread (torch parallelises its own passes over its threads); everywhere else, without a C
@@ -31,7 +31,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("sgd_step.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
-CHECK_LENGTHS = (1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000, 4099)
+CHECK_LENGTHS = (*range(1, 66), 1000, 4099)  # every remainder modulo a vector loop's 16, 32 or 64 lanes
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _checked: dict[tuple[float, float, float], bool] = {}

@@ -107,9 +107,8 @@ class SGD(torch.optim.SGD):
     `import torch._dynamo` + graph break that torch's step wrapper adds for torch.compile (a
     no-op in eager mode). Falls back to torch's step if its layout changes, and inside
     torch.compile's tracing (`torch.compiler.is_compiling`; on a torch without it, once
-    torch._dynamo is loaded). Until session X it fell back whenever torch._dynamo was loaded,
-    which the first `torch.func.vmap` (the batched engine, `benchmarks/test_batched.py`) or
-    torch.compile does: every later step in that process ran torch's own.
+    torch._dynamo is loaded). Not merely once torch._dynamo is loaded: the first
+    `torch.func.vmap` (the batched engine) loads it, and every later step would run torch's.
 
     Two copies of the gradients are not made; the arithmetic is torch's, bit for bit (tested):
     - weight decay is added to each gradient in place (`grad.add_(param, alpha=wd)`, the kernel
