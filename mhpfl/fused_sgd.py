@@ -70,11 +70,13 @@ def _compile() -> ctypes.CDLL | bool:
 
 def _torch_passes(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, wd: float, momentum: float,
                   lr: float) -> None:
-    """torch.optim.SGD's update of one parameter with a momentum buffer (`_single_tensor_sgd`,
-    dampening 0, no Nesterov), the gradient left as it was."""
-    d = g.add(p, alpha=wd) if wd != 0 else g
-    buf.mul_(momentum).add_(d, alpha=1)
-    p.add_(buf, alpha=-lr)
+    """torch's own update of one parameter with a momentum buffer: torch.optim.sgd's functional
+    `sgd`, single-tensor (as torch.optim.SGD runs on CPU), dampening 0, no Nesterov. The
+    gradient is left as it was."""
+    from torch.optim.sgd import sgd
+
+    sgd([p], [g], [buf], foreach=False, weight_decay=wd, momentum=momentum, lr=lr, dampening=0.0,
+        nesterov=False, maximize=False)
 
 
 def _call(lib: ctypes.CDLL, p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, wd: float, momentum: float,
