@@ -267,6 +267,34 @@ def test_clip_grad_norm_is_torch_bit_for_bit_and_skips_only_a_factor_of_one():
         assert changed == (max_norm == 0.5 or poison)
 
 
+@pytest.mark.parametrize("clients", [1, 3, 10, 20, 50])
+def test_weighted_average_is_stack_multiply_sum_bit_for_bit(clients):
+    """The server's average fills one float64 buffer in place; it gives exactly what the plain
+    formula gives (float64 stack of the uploads, times the weights, summed over clients), for
+    scalars, small and large tensors, integer buffers, and float64 (where any other order of the
+    sum would show)."""
+    from mhpfl.engine.aggregate import weighted_average
+    from mhpfl.messages import Upload
+
+    gen = torch.Generator().manual_seed(clients)
+    shapes = {"scalar": (), "bias": (7,), "conv": (16, 3, 5, 5), "fc": (600, 512)}
+    uploads = []
+    for cid in range(clients):
+        message = {k: torch.randn(s, generator=gen) * 10.0 ** torch.randint(-6, 6, (), generator=gen)
+                   for k, s in shapes.items()}
+        message["steps"] = torch.randint(0, 1000, (), generator=gen)
+        message["fc64"] = torch.randn(600, 512, generator=gen, dtype=torch.float64)  # shows the order
+        uploads.append(Upload(cid, int(torch.randint(1, 500, (), generator=gen)), message))
+    w = torch.tensor([u.num_samples for u in uploads], dtype=torch.float64)
+    w = w / w.sum()
+    ours = weighted_average(uploads)
+    for k, t in uploads[0].message.items():
+        stacked = torch.stack([u.message[k].to(torch.float64) for u in uploads])
+        ref = (w.view(-1, *([1] * t.dim())) * stacked).sum(0).to(t.dtype)
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape
+        assert torch.equal(ours[k], ref), k  # no NaN here: equal values are equal bits
+
+
 def test_total_flop_counter_counts_what_flop_counter_mode_counts_without_module_hooks(monkeypatch):
     """lean.total_flop_counter, which the FLOP meter runs every step of a new key under: the same
     total as torch's FlopCounterMode, with gradients flowing through frozen and trainable layers,

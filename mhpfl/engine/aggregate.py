@@ -15,7 +15,12 @@ def weighted_average(uploads: list[Upload], keys: list[str] | None = None) -> Me
     weights = weights / weights.sum()
     out = {}
     for k in keys:
-        stacked = torch.stack([u.message[k].to(torch.float64) for u in uploads])
-        w = weights.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
-        out[k] = (w * stacked).sum(0).to(uploads[0].message[k].dtype)
+        # sum_i w_i * x_i in float64, summed by torch over the stacked clients; one float64 buffer,
+        # converted, scaled and reduced in place (bit for bit what stack, multiply and sum give)
+        first = uploads[0].message[k]
+        stacked = torch.empty((len(uploads), *first.shape), dtype=torch.float64, device=first.device)
+        for row, u in zip(stacked, uploads):
+            row.copy_(u.message[k])
+        stacked.mul_(weights.to(stacked.device).view(-1, *([1] * first.dim())))
+        out[k] = stacked.sum(0).to(first.dtype)
     return out
