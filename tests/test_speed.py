@@ -271,8 +271,9 @@ def test_clip_grad_norm_is_torch_bit_for_bit_and_skips_only_a_factor_of_one():
 def test_weighted_average_is_stack_multiply_sum_bit_for_bit(clients):
     """The server's average fills one float64 buffer in place; it gives exactly what the plain
     formula gives (float64 stack of the uploads, times the weights, summed over clients), for
-    scalars, small and large tensors, integer buffers, and float64 (where any other order of the
-    sum would show)."""
+    scalars, small and large tensors, integer buffers, float64 (where any other order of the sum
+    would show), channels-last and transposed tensors (whose layout decides that order); uploads
+    of different shapes are refused as stacking refuses them."""
     from mhpfl.engine.aggregate import weighted_average
     from mhpfl.messages import Upload
 
@@ -283,7 +284,13 @@ def test_weighted_average_is_stack_multiply_sum_bit_for_bit(clients):
         message = {k: torch.randn(s, generator=gen) * 10.0 ** torch.randint(-6, 6, (), generator=gen)
                    for k, s in shapes.items()}
         message["steps"] = torch.randint(0, 1000, (), generator=gen)
-        message["fc64"] = torch.randn(600, 512, generator=gen, dtype=torch.float64)  # shows the order
+        # float64 shows the summation order; channels-last (as the models' conv weights are) and
+        # transposed views show the layout
+        message["fc64"] = torch.randn(600, 512, generator=gen, dtype=torch.float64)
+        message["conv64"] = torch.randn(32, 16, 5, 5, generator=gen, dtype=torch.float64).to(
+            memory_format=torch.channels_last)
+        message["conv_cl"] = message["conv"].to(memory_format=torch.channels_last)
+        message["fc64_t"] = torch.randn(512, 600, generator=gen, dtype=torch.float64).t()
         uploads.append(Upload(cid, int(torch.randint(1, 500, (), generator=gen)), message))
     w = torch.tensor([u.num_samples for u in uploads], dtype=torch.float64)
     w = w / w.sum()
@@ -291,8 +298,12 @@ def test_weighted_average_is_stack_multiply_sum_bit_for_bit(clients):
     for k, t in uploads[0].message.items():
         stacked = torch.stack([u.message[k].to(torch.float64) for u in uploads])
         ref = (w.view(-1, *([1] * t.dim())) * stacked).sum(0).to(t.dtype)
-        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape and ours[k].stride() == ref.stride()
         assert torch.equal(ours[k], ref), k  # no NaN here: equal values are equal bits
+    if clients > 1:
+        uploads[-1].message["bias"] = torch.zeros(1)  # would broadcast into a row: refused
+        with pytest.raises(ValueError, match="'bias'"):
+            weighted_average(uploads)
 
 
 def test_total_flop_counter_counts_what_flop_counter_mode_counts_without_module_hooks(monkeypatch):
