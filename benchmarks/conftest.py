@@ -68,6 +68,11 @@ def pytest_terminal_summary(terminalreporter):
           f"{PEAK['fixed']:.2f} s; with the round-0 evaluation: {PEAK['startup']:.2f} s"
           + (f"; a later run in the same process (a bench worker's): {PEAK['fixed_warm']:.2f} s"
              if "fixed_warm" in PEAK else ""))
+    if "fixed_by_method" in PEAK:
+        w("fixed cost by method (the same, best of 3; modules loaded by then among peft, transformers, "
+          "torch._dynamo, sympy): " + "; ".join(
+              f"{m} {t:.2f} s" + (f" ({', '.join(heavy)})" if heavy else "")
+              for m, (t, heavy) in sorted(PEAK["fixed_by_method"].items(), key=lambda kv: kv[1][0])))
     if RESULTS:
         w(f"{'method':<12}{'s/round':>9}{'floor':>9}{'ratio':>7}{'GFLOP/s':>9}{'floor train':>13}"
           f"{'floor eval':>12}{'% peak':>8}{'floor SVD s':>13}")

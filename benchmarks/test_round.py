@@ -84,6 +84,28 @@ def test_round_vs_floor(benchmark, data_root, method):
     assert res["steps"] > 0 and res["floor_s"] > 0
 
 
+PROBE = ("import os, sys, time\nfrom mhpfl.engine import runner\n"
+         "def stamp(*a, **k):\n    print(time.time(), *(m for m in HEAVY if m in sys.modules), flush=True)\n"
+         "    os._exit(0)\n"
+         "HEAVY = ('peft', 'transformers', 'torch._dynamo', 'sympy')\n"
+         "{patch}\nfrom mhpfl.cli import main\nmain({args!r})\n")
+STAMP_BUILT = "build = runner.Federation.build\nrunner.Federation.build = classmethod(lambda cls, cfg: stamp(build(cfg)))"
+
+
+def cli_args(method, data_root, out, *extra):
+    return (["run", method, "--clients", "10", "--train-fraction", "0.1", "--rounds", "1", "--quiet",
+             "--no-download", "--out", str(out), *extra] + (["--data-root", str(data_root)] if data_root else []))
+
+
+def time_to_stamp(code: str) -> tuple[float, list[str]]:
+    """Seconds from starting `python -c code` to its stamp, and the heavy modules loaded by then."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env=env).stdout.split("\n")[-2].split()
+    return float(out[0]) - t0, out[1:]
+
+
 def test_startup(benchmark, data_root, tmp_path):
     """A run's fixed cost: from process start to a built federation (imports, data, partition,
     models, FLOP analysis) of `mhpfl run standalone` on the N10 setting through the CLI, data
@@ -91,24 +113,15 @@ def test_startup(benchmark, data_root, tmp_path):
     of every client). The child prints the wall clock at that point and exits at once, so the
     interpreter's exit is not counted. Then the fixed cost of a later run in a warm process, as
     in a bench worker, which imports torch once for all its runs: Federation.build alone."""
-    args = ["run", "standalone", "--clients", "10", "--train-fraction", "0.1", "--rounds", "1", "--quiet",
-            "--no-download", "--out", str(tmp_path / "run")] + (["--data-root", str(data_root)] if data_root else [])
-    probe = ("import os, sys, time\nfrom mhpfl.engine import runner\n"
-             "def stamp(*a, **k):\n    print(time.time(), flush=True)\n    os._exit(0)\n"
-             "{patch}\nfrom mhpfl.cli import main\nmain({args!r})\n")
-    built = probe.format(args=args, patch="build = runner.Federation.build\n"
-                         "runner.Federation.build = classmethod(lambda cls, cfg: stamp(build(cfg)))")
-    round0 = probe.format(args=args,
+    args = cli_args("standalone", data_root, tmp_path / "run")
+    built = PROBE.format(args=args, patch=STAMP_BUILT)
+    round0 = PROBE.format(args=args,
                           patch="runner.Recorder.on_round = property(lambda self: stamp, lambda self, v: None)")
     subprocess.run([sys.executable, "-c", round0], check=True, capture_output=True)  # warms the dataset cache
-
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
     def once(code):
-        t0 = time.time()
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                             env=env).stdout
-        return float(out.split()[-1]) - t0
+        return time_to_stamp(code)[0]
 
     times = benchmark.pedantic(lambda: [(once(built), once(round0)) for _ in range(3)], rounds=1, iterations=1)
     PEAK["fixed"] = min(t[0] for t in times)
@@ -126,3 +139,28 @@ def test_startup(benchmark, data_root, tmp_path):
     PEAK["fixed_warm"] = float(subprocess.run([sys.executable, "-c", warm], check=True, capture_output=True,
                                               text=True, env=env).stdout.split()[-1])
     assert 0 < PEAK["fixed_warm"] < PEAK["fixed"]
+
+
+def test_startup_by_method(benchmark, data_root, tmp_path):
+    """Every built-in method's fixed cost, as test_startup measures Standalone's (process start ->
+    federation built, best of 3, the methods interleaved), with the heavy modules loaded by then:
+    pFedLoRA's LoRA readings import peft, which imports transformers (and with it torch._dynamo
+    and sympy); its parallel-model reading (`--adapter model`) does not."""
+    from mhpfl.methods import BUILTIN
+
+    cases = {m: cli_args(m, data_root, tmp_path / m, *(["--zoo", "homo"] if m == "fedavg" else []))
+             for m in BUILTIN}
+    cases["pfedlora adapter=model"] = cli_args("pfedlora", data_root, tmp_path / "pfedlora-model",
+                                               "--adapter", "model")
+
+    def measure_all():
+        best: dict[str, tuple[float, list[str]]] = {}
+        for _ in range(3):
+            for name, args in cases.items():
+                t, heavy = time_to_stamp(PROBE.format(args=args, patch=STAMP_BUILT))
+                if name not in best or t < best[name][0]:
+                    best[name] = (t, heavy)
+        return best
+
+    PEAK["fixed_by_method"] = benchmark.pedantic(measure_all, rounds=1, iterations=1)
+    assert all(t > 0 for t, _ in PEAK["fixed_by_method"].values())

@@ -73,18 +73,21 @@ class PFedLoRA(Method):
 
     @staticmethod
     def state(model: nn.Module, parallel: nn.Module | None) -> dict:
-        from peft import get_peft_model_state_dict
+        if parallel is not None:
+            sd = parallel.state_dict()
+        else:
+            from peft import get_peft_model_state_dict  # peft's import takes seconds: LoRA readings only
 
-        sd = parallel.state_dict() if parallel is not None else get_peft_model_state_dict(model)
+            sd = get_peft_model_state_dict(model)
         return {n: t.detach().clone() for n, t in sd.items()}
 
     @staticmethod
     def load(model: nn.Module, parallel: nn.Module | None, message) -> None:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
         if parallel is not None:
             parallel.load_state_dict(message)
             return
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
         loaded = set_peft_model_state_dict(model, message)
         if loaded.unexpected_keys or set(message) != set(get_peft_model_state_dict(model)):
             raise RuntimeError(f"pfedlora: received adapter does not match the client's: {sorted(message)}")
