@@ -270,10 +270,11 @@ def test_clip_grad_norm_is_torch_bit_for_bit_and_skips_only_a_factor_of_one():
 @pytest.mark.parametrize("clients", [1, 3, 10, 20, 50])
 def test_weighted_average_is_stack_multiply_sum_bit_for_bit(clients):
     """The server's average stacks the uploads, converts the stack to float64 and scales and sums
-    it in place; it gives exactly what the plain formula gives (float64 stack of the uploads, times the weights, summed over clients), for
-    scalars, small and large tensors, integer buffers, float64 (where any other order of the sum
-    would show), channels-last and transposed tensors (whose layout decides that order); uploads
-    of different shapes are refused."""
+    it in place. It gives exactly what the plain formula gives (a float64 stack of the uploads,
+    times the weights, summed over clients) for scalars, small and large tensors, integer
+    buffers, float64 (where any other order of the sum would show), and channels-last and
+    transposed tensors (whose layout decides that order). Uploads of different shapes are
+    refused."""
     from mhpfl.engine.aggregate import weighted_average
     from mhpfl.messages import Upload
 
