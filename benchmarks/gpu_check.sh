@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement that docs/performance.md's GPU section asks for, in one command,
-# on a machine with a CUDA GPU (about 9 minutes at most: each step has its own time limit, so a
-# step that hangs costs only its own share, and what a step measured is kept):
+# on a machine with a CUDA GPU (under 10 minutes: each step has its own time limit, the last one
+# what is left of GPU_CHECK_SECONDS, default 570; a step that hangs costs only its own share, and
+# what a step measured is kept):
 #
 #     bash benchmarks/gpu_check.sh [OUT]        # OUT: a folder for what it writes (default gpu-check)
 #
@@ -10,11 +11,13 @@
 #      mode), data and models on the device, seeded runs identical, batched = one at a time,
 #      every method in bf16, the non-finite-loss error                     -> OUT/gpu_check.log
 #   3. benchmarks/paper_cost.py: s/round and GPU utilisation of Standalone and pFedLoRA, fp32 and
-#      bf16, one client at a time and batched, in the quick suite's N10 setting (quick.json) and
-#      the paper's CIFAR-10 N10 setting (cifar10_n10.json)
-#   4. the paper suite's device-hours as the protocol runs it (fp32, one client at a time): every
-#      setting and method, as far as its time limit goes; `projection` says how many of the
-#      suite's runs the measured rows cover                               -> OUT/paper_suite.json
+#      bf16, one client at a time and batched, in the quick suite's N10 setting (quick.json);
+#      every method of the paper's CIFAR-10 N10 setting in fp32, one at a time and batched
+#      (cifar10_n10.json: batching's default on a GPU), and Standalone and pFedLoRA there in bf16
+#      (cifar10_n10_bf16.json)
+#   4. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
+#      Standalone first in every setting, then the other methods, as far as the time left goes;
+#      with step 3's N10 rows, the device-hours of the suite    -> OUT/paper_suite.json
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on CPU (to check the script; the limits then cut the
 # measurements short).
@@ -52,11 +55,16 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 step gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step torch 30 "$PY" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', \
 torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
-step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+XDIST=""  # the tests in 4 processes where pytest-xdist is there (each line says which test passed)
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
+step tests 180 "$PY" -m pytest -v -p no:cacheprovider $XDIST tests/test_gpu.py
 step quick 60 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite quick --methods standalone pfedlora \
     --precision fp32 bf16 --batch-clients off on --rounds 3 --out "$OUT/quick.json"
-step cifar10_n10 100 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
-    --methods standalone pfedlora --precision fp32 bf16 --batch-clients off on --out "$OUT/cifar10_n10.json"
-step paper_suite 100 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all --methods all \
-    --out "$OUT/paper_suite.json"
+step cifar10_n10 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods all --precision fp32 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10.json"
+step cifar10_n10_bf16 45 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods standalone pfedlora --precision bf16 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10_bf16.json"
+step paper_suite $(( ${GPU_CHECK_SECONDS:-570} - SECONDS > 30 ? ${GPU_CHECK_SECONDS:-570} - SECONDS : 30 )) \
+    "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all --skip-settings cifar10-N10-C100 \
+    --methods all --standalone-first --out "$OUT/paper_suite.json"
 grep "^=== .*: exit" "$LOG"

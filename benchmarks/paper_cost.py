@@ -145,6 +145,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["standalone", "pfedlora"], help="or: all (the suite's)")
     ap.add_argument("--settings", nargs="+", default=None,
                     help="default: the paper suite's CIFAR-10 settings, or every setting of quick; all: every one")
+    ap.add_argument("--skip-settings", nargs="+", default=[], help="settings left out (of --settings all, say)")
+    ap.add_argument("--standalone-first", action="store_true",
+                    help="measure Standalone in every setting before the other methods (a run cut short by a "
+                         "time limit then still has every setting's reference cost)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per measurement (>= 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
@@ -163,10 +167,12 @@ def main() -> None:
         settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
                                   if a.suite == "paper" else [s.name for s in suite.settings])
     methods = suite.methods if a.methods == ["all"] else a.methods
-    unknown = sorted(set(settings) - {s.name for s in suite.settings}) + sorted(set(methods) - set(suite.methods))
+    unknown = sorted(set(settings + a.skip_settings) - {s.name for s in suite.settings}) \
+        + sorted(set(methods) - set(suite.methods))
     if unknown:
         raise SystemExit(f"error: {', '.join(unknown)}: not in the {a.suite} suite; its settings are "
                          f"{', '.join(s.name for s in suite.settings)} and its methods {', '.join(suite.methods)}")
+    settings = [s for s in settings if s not in a.skip_settings]
     tmp = tempfile.TemporaryDirectory()
     root, data = data_with_stand_ins(sorted({s.cfg.dataset for s in suite.settings if s.name in settings}),
                                      a.data_root, tmp.name)
@@ -175,10 +181,7 @@ def main() -> None:
     report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
               "cpu": platform.processor(), "data": data, "suite": a.suite, "rows": []}
     rows = report["rows"]
-    for e in suite.entries:
-        if e.group != "main" or e.seed != suite.entries[0].seed or e.setting not in settings \
-                or e.method not in methods:
-            continue
+    for e in measured_entries(suite, settings, methods, a.standalone_first):
         k = max(1, round(e.cfg.frac * e.cfg.clients))  # participants per round; each client once at least
         rounds = max(a.rounds, -(-e.cfg.clients // k))
         in_suite = [x for x in suite.runs().values() if x.setting == e.setting and x.method == e.method]
@@ -210,6 +213,14 @@ def main() -> None:
               f"{p['runs']} of the suite's {p['runs_in_suite']} runs whose (setting, method) was measured")
     print(f"data: {data}; device {a.device}{f' ({gpu_name})' if gpu_name else ''}; "
           f"{torch.get_num_threads()} torch thread(s); written {a.out}")
+
+
+def measured_entries(suite, settings: list[str], methods: list[str], standalone_first: bool = False) -> list:
+    """The suite's main runs of its first seed in `settings` x `methods`, in the suite's order, or
+    with every Standalone run first (the suite's order otherwise)."""
+    entries = [e for e in suite.entries if e.group == "main" and e.seed == suite.entries[0].seed
+               and e.setting in settings and e.method in methods]
+    return sorted(entries, key=lambda e: e.method != "standalone") if standalone_first else entries
 
 
 def projection(rows: list[dict], runs_in_suite: int) -> list[dict]:

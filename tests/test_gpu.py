@@ -125,6 +125,8 @@ def test_seeded_runs_on_the_device_are_identical(method, cfg, tmp_path):
     a = run(cfg(method, rounds=3), out=tmp_path / "a", progress=False)
     b = run(cfg(method, rounds=3), out=tmp_path / "b", progress=False)
     assert strip_timing(a) == strip_timing(b)
+    # fp32 is fp32 there: no TF32 convolutions (PyTorch's cuDNN default) or matmuls
+    assert DEVICE != "cuda" or not (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
 
 
 @pytest.mark.parametrize("method", EVERY_METHOD)

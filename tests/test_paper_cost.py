@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.paper_cost import data_with_stand_ins, projection, stand_in_cifar10, stand_in_cifar100
+from benchmarks.paper_cost import data_with_stand_ins, measured_entries, projection, stand_in_cifar10, stand_in_cifar100
 from mhpfl.datasets.loaders import dataset_present, load_dataset
 from tests.conftest import needs_fmnist
 
@@ -110,7 +110,23 @@ def test_projection_adds_up_the_suite_runs_measured():
                     "hours": round(1500 / 3600, 2)}]
 
 
-@pytest.mark.parametrize("args", [["--settings", "cifar10-N10"], ["--methods", "pfedlor"]])
+def test_measured_entries_skip_settings_and_put_standalone_first():
+    from mhpfl.benchmark.suite import load_suite
+
+    suite = load_suite("paper")
+    names = [s.name for s in suite.settings]
+    rest = [n for n in names if n != "cifar10-N10-C100"]
+    plain = [(e.setting, e.method) for e in measured_entries(suite, rest, suite.methods)]
+    first = [(e.setting, e.method) for e in measured_entries(suite, rest, suite.methods, standalone_first=True)]
+    assert sorted(plain) == sorted(first) and len(set(plain)) == len(plain)  # one seed: each pair once
+    assert {s for s, _ in plain} == set(rest)  # every setting but the one left out, the ablations' runs not
+    n = len(rest)
+    assert first[:n] == [(s, "standalone") for s in rest]  # every setting's Standalone, in the suite's order
+    assert first[n:] == [x for x in plain if x[1] != "standalone"]
+
+
+@pytest.mark.parametrize("args", [["--settings", "cifar10-N10"], ["--methods", "pfedlor"],
+                                  ["--skip-settings", "cifar10-N10"]])
 def test_an_unknown_setting_or_method_is_a_one_line_error(args, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_cost.py"), *args], capture_output=True,
                        text=True, cwd=tmp_path, timeout=300)

@@ -769,3 +769,21 @@ def test_drawing_batches_reads_nothing_on_the_host():
     with _HostReads(seen):
         batches = list(split.batches(32, torch.Generator().manual_seed(0)))
     assert len(batches) == 4 and seen == []
+
+
+def test_a_cuda_run_computes_in_fp32_not_tf32(monkeypatch):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default; a run on CUDA turns that off
+    (and TF32 matmuls), so `--precision fp32` means fp32 there too. Checked off CUDA by flipping the
+    flags the CUDA path sets (they exist on CPU builds); tests/test_gpu.py checks a real run."""
+    from mhpfl.lean import deterministic_algorithms
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        deterministic_algorithms("cpu")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32  # CPU: untouched
+        deterministic_algorithms("cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

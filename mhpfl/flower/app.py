@@ -43,6 +43,7 @@ from mhpfl.engine.runner import (EvalCache, Recorder, client_step, drive, evalua
 from mhpfl.errors import UserError  # noqa: E402
 from mhpfl.flower.records import (from_record, key_bytes, payload_bytes, restore_client,  # noqa: E402
                                   save_client, to_record)
+from mhpfl.lean import deterministic_algorithms  # noqa: E402
 from mhpfl.messages import message_bytes  # noqa: E402
 from mhpfl.methods import get_method  # noqa: E402
 from mhpfl.models import zoo_archs  # noqa: E402
@@ -69,8 +70,8 @@ def _hosted(context: Context, clients: int) -> list[int]:
 
 def _client(task: ConfigRecord, context: Context):
     """The client a message is for, rebuilt from this node's Context.state."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = RunConfig.from_dict(json.loads(task["config"]))
+    deterministic_algorithms(cfg.device)
     cid = int(task["cid"])
     if cid not in _hosted(context, cfg.clients):
         raise UserError(f"client {cid} is not hosted by this node ({dict(context.node_config)})")
@@ -227,7 +228,7 @@ def serve(grid: Grid, cfg: RunConfig, out: str | Path | None = None, progress: b
     """The ServerApp's work: the same round loop as the in-process engine, over messages."""
     import flwr
 
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_algorithms(cfg.device)
     cfg.validate()
     method = get_method(cfg.method)(**cfg.method_options)
     fed = _Federation(grid, cfg, wait_s)
