@@ -15,9 +15,14 @@
 #      every method of the paper's CIFAR-10 N10 setting in fp32, one at a time and batched
 #      (cifar10_n10.json: batching's default on a GPU), and Standalone and pFedLoRA there in bf16
 #      (cifar10_n10_bf16.json)
-#   4. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
-#      Standalone first in every setting, then the other methods, as far as the time left goes;
-#      with step 3's N10 rows, the device-hours of the suite    -> OUT/paper_suite.json
+#   4. benchmarks/test_compile.py: one CIFAR-shaped SGD step and evaluation pass of CNN-1 and CNN-5,
+#      eager vs torch.compile, with CUDA graphs (reduce-overhead) and without: whether compiling
+#      cuts a launch-bound step (compile time included)                    -> OUT/compile.json
+#   5. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
+#      Standalone first in every setting, then the other methods, as far as the time left goes
+#                                                                           -> OUT/paper_suite.json
+#   6. benchmarks/suite_hours.py: with step 3's N10 rows, the paper suite's device-hours, measured
+#      and projected apart                                                  -> OUT/suite_hours.json
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on CPU (to check the script; the limits then cut the
 # measurements short).
@@ -64,7 +69,12 @@ step cifar10_n10 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite p
     --methods all --precision fp32 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10.json"
 step cifar10_n10_bf16 45 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
     --methods standalone pfedlora --precision bf16 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10_bf16.json"
-step paper_suite $(( ${GPU_CHECK_SECONDS:-570} - SECONDS > 30 ? ${GPU_CHECK_SECONDS:-570} - SECONDS : 30 )) \
+step compile 120 "$PY" benchmarks/test_compile.py --device "$DEVICE" --shape 3 32 32 --archs cnn1 cnn5 \
+    --modes reduce-overhead default --out "$OUT/compile.json"
+LEFT=$(( ${GPU_CHECK_SECONDS:-570} - SECONDS - 15 ))  # 15 s kept for the projection
+step paper_suite $(( LEFT > 30 ? LEFT : 30 )) \
     "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all --skip-settings cifar10-N10-C100 \
     --methods all --standalone-first --out "$OUT/paper_suite.json"
+step suite_hours 15 "$PY" benchmarks/suite_hours.py "$OUT/cifar10_n10.json" "$OUT/paper_suite.json" \
+    --as-standalone fedavg --out "$OUT/suite_hours.json"
 grep "^=== .*: exit" "$LOG"

@@ -7,39 +7,51 @@ of 5 x 10 calls. Reported: the compile time of each (first call), and eager time
 (> 1: compiled is faster). A run compiles every architecture it uses, once per batch shape (a
 client's last, smaller batch is another), so compiling pays only where (saved time per call) x
 (calls in a run) exceeds those compiles (docs/performance.md).
+
+On a GPU, where a step of these CNNs is launch-bound (docs/performance.md, "GPU"), the same
+comparison with the compile modes that cut launches (`reduce-overhead`: CUDA graphs) is run by
+hand, as benchmarks/gpu_check.sh does:
+
+    python benchmarks/test_compile.py --device cuda --shape 3 32 32 --modes default reduce-overhead
 """
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import PEAK
 from mhpfl.models import build_model
 
 TRAIN_BATCH, EVAL_BATCH, REPEATS, CALLS = 64, 256, 5, 10
 
 
-def compare(arch: str) -> dict[str, float]:
+def compare(arch: str, device: str = "cpu", mode: str | None = None, shape: tuple = (1, 28, 28),
+            classes: int = 10) -> dict[str, float]:
+    """Eager vs `torch.compile(mode=mode)` for `arch` on inputs of `shape`, on `device` (timed to
+    the device's completion: CUDA is synchronised around every timed block)."""
     import torch._inductor.config as inductor
 
     inductor.force_disable_caches = True  # a cold compile, as a user's first run pays it
     torch._dynamo.reset()
+    dev = torch.device(device)
 
     def make():
         torch.manual_seed(0)
-        m = build_model(arch, (1, 28, 28), 10)
+        m = build_model(arch, shape, classes).to(dev, memory_format=torch.channels_last)
         return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
 
-    x = torch.randn(TRAIN_BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (TRAIN_BATCH,))
-    xe = torch.randn(EVAL_BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(TRAIN_BATCH, *shape, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (TRAIN_BATCH,), device=dev)
+    xe = torch.randn(EVAL_BATCH, *shape, device=dev).contiguous(memory_format=torch.channels_last)
     eager, opt_e = make()
     plain, opt_c = make()
-    compiled = torch.compile(plain)
+    compiled = torch.compile(plain, mode=mode)
 
     def step(model, opt):
         model.train()
@@ -54,8 +66,12 @@ def compare(arch: str) -> dict[str, float]:
             model(xe)
 
     def once(fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
     res = {"compile_train_s": once(lambda: step(compiled, opt_c)),
@@ -76,7 +92,34 @@ def compare(arch: str) -> dict[str, float]:
 @pytest.mark.parametrize("arch", ["cnn1", "cnn5"])
 def test_compiled_vs_eager(benchmark, arch):
     pytest.importorskip("torch._inductor")
+    from benchmarks.conftest import PEAK  # here: the file also runs as a script (main)
+
     res = benchmark.pedantic(compare, args=(arch,), rounds=1, iterations=1)
     benchmark.extra_info.update(res)
     PEAK[f"compile {arch}"] = res
     assert res["train_speedup"] > 0 and res["eval_speedup"] > 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="torch.compile vs eager, one SGD step and one evaluation pass")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--archs", nargs="+", default=["cnn1", "cnn5"])
+    ap.add_argument("--modes", nargs="+", default=["default"], help="torch.compile modes (default, "
+                    "reduce-overhead, max-autotune-no-cudagraphs, ...)")
+    ap.add_argument("--shape", nargs=3, type=int, default=[1, 28, 28], help="C H W (CIFAR: 3 32 32)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--out", default="compile.json", help="rewritten after every measurement")
+    a = ap.parse_args()
+    info = {"device": a.device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+            "shape": a.shape, "train_batch": TRAIN_BATCH, "eval_batch": EVAL_BATCH, "rows": []}
+    for arch in a.archs:
+        for mode in a.modes:
+            res = compare(arch, a.device, None if mode == "default" else mode, tuple(a.shape), a.classes)
+            info["rows"].append({"arch": arch, "mode": mode, **{k: round(v, 6) for k, v in res.items()}})
+            print(info["rows"][-1], flush=True)
+            Path(a.out).write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""A whole suite's device-hours from what benchmarks/paper_cost.py measured, every figure derived
+by this script from the measurement files (none typed in by hand):
+
+    python benchmarks/suite_hours.py docs/measurements/gpu-h200-2026-12-04/cifar10_n10.json \
+        docs/measurements/gpu-h200-2026-12-04/cifar10_n10_ieee.json \
+        docs/measurements/gpu-h200-2026-12-04/paper_suite.json --as-standalone fedavg
+
+Each run of the suite (every seed, every ablation value) is priced at its rounds x the s/round of
+its (setting, method):
+- measured: that pair's own row (where files measured a pair twice, the later file's row counts);
+- projected: Standalone's measured s/round in the run's setting x the method's ratio to Standalone
+  in the nearest setting where both were measured (the same number of clients first, then the
+  same dataset, then the same zoo, then the suite's order);
+- as Standalone: a method measured in no setting and named by --as-standalone (FedAvg, say: it
+  trains what Standalone trains, plus one average) is priced at Standalone's s/round;
+- not priced: Standalone was not measured in the run's setting, or the method nowhere (and not
+  named by --as-standalone).
+An ablation run is priced as its setting's main run of the method (paper_cost.py does the same).
+The files must come from one suite, device, GPU, CPU and torch thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+IDENTITY = ("suite", "device", "gpu", "cpu", "torch_threads")
+
+
+def load_reports(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The files' common identity (IDENTITY's fields) and their rows, in the order given."""
+    reports = []
+    for p in paths:
+        try:
+            reports.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {p}: not a paper_cost.py report ({e}); give the --out files it wrote")
+    ident = {k: reports[0].get(k) for k in IDENTITY}
+    for p, r in zip(paths[1:], reports[1:]):
+        other = {k: r.get(k) for k in IDENTITY}
+        if other != ident:
+            diff = ", ".join(f"{k} {ident[k]!r} vs {other[k]!r}" for k in IDENTITY if other[k] != ident[k])
+            raise SystemExit(f"error: {p} and {paths[0]} differ in {diff}; give the files of one suite "
+                             f"measured on one machine")
+    return ident, [row for r in reports for row in r["rows"]]
+
+
+def suite_hours(suite, rows: list[dict], precision: str = "fp32", batching: str = "off",
+                as_standalone: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per (setting, method) of `suite`: its runs, their rounds, the s/round they are
+    priced at, on what basis, and the hours (rounds x s/round / 3600; NaN where not priced)."""
+    measured = {(r["setting"], r["method"]): r["s_per_round"] for r in rows
+                if r["precision"] == precision and r["batch_clients"] == batching}  # later rows win
+    settings = {s.name: (i, s.cfg) for i, s in enumerate(suite.settings)}
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for e in suite.runs().values():
+        p = pairs.setdefault((e.setting, e.method), [0, 0])
+        p[0] += 1
+        p[1] += e.cfg.rounds
+    out = []
+    for (setting, method), (runs, rounds) in pairs.items():
+        s, basis = measured.get((setting, method)), "measured"
+        alone = measured.get((setting, "standalone"))
+        if s is None and alone is None:
+            basis = "not priced: Standalone not measured in this setting"
+        elif s is None:
+            ref = _nearest_reference(setting, method, measured, settings)
+            if ref is None and method in as_standalone:
+                s, basis = alone, "as Standalone: the method was measured in no setting"
+            elif ref is None:
+                basis = "not priced: the method was measured in no setting"
+            else:
+                ratio = measured[(ref, method)] / measured[(ref, "standalone")]
+                s, basis = alone * ratio, f"projected: Standalone's x {ratio:.2f} (the ratio in {ref})"
+        out.append({"setting": setting, "method": method, "runs": runs, "rounds": rounds,
+                    "s_per_round": None if s is None else round(s, 3), "basis": basis,
+                    "hours": None if s is None else s * rounds / 3600})
+    return pd.DataFrame(out)
+
+
+def _nearest_reference(setting: str, method: str, measured: dict, settings: dict) -> str | None:
+    _, cfg = settings[setting]
+    refs = [r for r in settings if (r, method) in measured and (r, "standalone") in measured]
+    return min(refs, key=lambda r: (abs(settings[r][1].clients - cfg.clients), settings[r][1].dataset != cfg.dataset,
+                                    settings[r][1].zoo != cfg.zoo, settings[r][0]), default=None)
+
+
+def totals(table: pd.DataFrame) -> dict:
+    """Runs and hours by basis (measured, projected, as Standalone, not priced) and in all (the
+    suite's hours, None where some of its runs are not priced)."""
+    kind = table["basis"].str.split(":").str[0]
+    out = {k: {"runs": int(g["runs"].sum()), "hours": None if k == "not priced" else round(float(g["hours"].sum()), 1)}
+           for k, g in table.groupby(kind, sort=False)}
+    whole = None if "not priced" in out else round(float(table["hours"].sum()), 1)
+    out["all"] = {"runs": int(table["runs"].sum()), "hours": whole}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="paper_cost.py --out files, of one machine")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch-clients", default="off", choices=["off", "on"])
+    ap.add_argument("--as-standalone", nargs="+", default=[], metavar="METHOD",
+                    help="methods measured nowhere to price at Standalone's s/round (else not priced)")
+    ap.add_argument("--out", default=None, help="also write the table and totals here (JSON)")
+    a = ap.parse_args()
+    from mhpfl.benchmark.suite import load_suite
+
+    ident, rows = load_reports(a.files)
+    table = suite_hours(load_suite(ident["suite"]), rows, a.precision, a.batch_clients, tuple(a.as_standalone))
+    t = totals(table)
+    by_setting = table.assign(measured=table["runs"].where(table["basis"] == "measured", 0)).groupby(
+        "setting", sort=False).agg(runs=("runs", "sum"), measured=("measured", "sum"),
+                                   hours=("hours", lambda h: h.sum(min_count=len(h))))  # None if one is not priced
+    print(by_setting.to_markdown(floatfmt=("", ".0f", ".0f", ".1f")))
+    where = ident["device"] + (f" ({ident['gpu']})" if ident["gpu"] else "")
+    print(f"{ident['suite']} suite, {a.precision}, batch-clients {a.batch_clients}, {where}, "
+          f"{ident['torch_threads']} torch thread(s): " + "; ".join(
+              f"{k} {v['runs']} runs, " + ("no figure" if v["hours"] is None else f"{v['hours']} h")
+              for k, v in t.items()))
+    if a.out:
+        Path(a.out).write_text(json.dumps({**ident, "precision": a.precision, "batch_clients": a.batch_clients,
+                                           "totals": t,
+                                           "pairs": table.astype(object).where(table.notna(), None).to_dict("records")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
