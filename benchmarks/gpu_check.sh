@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement that docs/performance.md's GPU section asks for, in one command,
-# on a machine with a CUDA GPU (under 10 minutes: each step has its own time limit, the last one
-# what is left of GPU_CHECK_SECONDS, default 570; a step that hangs costs only its own share, and
-# what a step measured is kept):
+# on a machine with a CUDA GPU, within GPU_CHECK_SECONDS (default 570: one device call): each step
+# has its own time limit, cut to what is left, and the steps run in order of what is least known,
+# so a short budget cuts the re-measurements, not the new ones. A step that hangs costs only its
+# share, and what a step measured is kept.
 #
 #     bash benchmarks/gpu_check.sh [OUT]        # OUT: a folder for what it writes (default gpu-check)
 #
@@ -10,18 +11,21 @@
 #   2. tests/test_gpu.py on the device: no training step waits for the host (CUDA's sync debug
 #      mode), data and models on the device, seeded runs identical, batched = one at a time,
 #      every method in bf16, the non-finite-loss error                     -> OUT/gpu_check.log
-#   3. benchmarks/paper_cost.py: s/round and GPU utilisation of Standalone and pFedLoRA, fp32 and
-#      bf16, one client at a time and batched, in the quick suite's N10 setting (quick.json);
-#      every method of the paper's CIFAR-10 N10 setting in fp32, one at a time and batched
-#      (cifar10_n10.json: batching's default on a GPU), and Standalone and pFedLoRA there in bf16
-#      (cifar10_n10_bf16.json)
-#   4. benchmarks/test_compile.py: one CIFAR-shaped SGD step and evaluation pass of CNN-1 and CNN-5,
+#   3. benchmarks/test_compile.py: one CIFAR-shaped SGD step and evaluation pass of CNN-1 and CNN-5,
 #      eager vs torch.compile, with CUDA graphs (reduce-overhead) and without: whether compiling
 #      cuts a launch-bound step (compile time included)                    -> OUT/compile.json
-#   5. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
+#   4. benchmarks/paper_cost.py --copies 1 4 8: CIFAR-10 N10 Standalone runs, 1, 4 and 8 at once
+#      on the GPU: the device-seconds a round costs when runs share it (Ray's --run-gpus 1/K)
+#                                                                           -> OUT/copies.json
+#   5. benchmarks/paper_cost.py: every method of the paper's CIFAR-10 N10 setting in fp32, one
+#      client at a time (cifar10_n10.json); Standalone and pFedLoRA in the quick suite's N10
+#      setting, fp32 and bf16, one at a time and batched (quick.json); the two in CIFAR-10 N10 in
+#      bf16, one at a time and batched (cifar10_n10_bf16.json). Session Z measured batching on
+#      CIFAR-10 N10 (slower: 0.83-0.85x), so that step no longer repeats it
+#   6. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
 #      Standalone first in every setting, then the other methods, as far as the time left goes
 #                                                                           -> OUT/paper_suite.json
-#   6. benchmarks/suite_hours.py: with step 3's N10 rows, the paper suite's device-hours, measured
+#   7. benchmarks/suite_hours.py: with step 5's N10 rows, the paper suite's device-hours, measured
 #      and projected apart                                                  -> OUT/suite_hours.json
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on CPU (to check the script; the limits then cut the
@@ -48,33 +52,47 @@ if [ -n "${WHEELHOUSE:-}" ]; then
     export PYTHONPATH="$PYTHONPATH:$site"
 fi
 
-step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output into the log
-    local name=$1 limit=$2 t0=$SECONDS rc
+TOTAL=${GPU_CHECK_SECONDS:-570}
+step() {  # step NAME SECONDS COMMAND...: run it, its output into the log, under SECONDS or what is
+    # left of TOTAL less RESERVE (default 15 s, kept for the last step), whichever is less
+    local name=$1 limit=$2 t0=$SECONDS rc left=$(( TOTAL - SECONDS - ${RESERVE:-15} ))
     shift 2
+    (( left < limit )) && limit=$left
+    if (( limit < 10 )); then
+        echo "=== $name: skipped, ${left} s left" | tee -a "$LOG"
+        return
+    fi
     echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
     timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
     rc=$?
     echo "=== $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (time limit)')" | tee -a "$LOG"
 }
 
+# in order of what is least known: the steps that the time left cuts come last
 step gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step torch 30 "$PY" -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'CUDA', \
 torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 XDIST=""  # the tests in 4 processes where pytest-xdist is there (each line says which test passed)
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
 step tests 180 "$PY" -m pytest -v -p no:cacheprovider $XDIST tests/test_gpu.py
-step quick 60 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite quick --methods standalone pfedlora \
-    --precision fp32 bf16 --batch-clients off on --rounds 3 --out "$OUT/quick.json"
-step cifar10_n10 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
-    --methods all --precision fp32 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10.json"
-step cifar10_n10_bf16 45 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
-    --methods standalone pfedlora --precision bf16 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10_bf16.json"
 step compile 120 "$PY" benchmarks/test_compile.py --device "$DEVICE" --shape 3 32 32 --archs cnn1 cnn5 \
     --modes reduce-overhead default --out "$OUT/compile.json"
-LEFT=$(( ${GPU_CHECK_SECONDS:-570} - SECONDS - 15 ))  # 15 s kept for the projection
-step paper_suite $(( LEFT > 30 ? LEFT : 30 )) \
-    "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all --skip-settings cifar10-N10-C100 \
-    --methods all --standalone-first --out "$OUT/paper_suite.json"
-step suite_hours 15 "$PY" benchmarks/suite_hours.py "$OUT/cifar10_n10.json" "$OUT/paper_suite.json" \
-    --as-standalone fedavg --out "$OUT/suite_hours.json"
+step copies 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods standalone --copies 1 4 8 --rounds 3 --out "$OUT/copies.json"
+step cifar10_n10 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods all --precision fp32 --rounds 3 --out "$OUT/cifar10_n10.json"
+step quick 60 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite quick --methods standalone pfedlora \
+    --precision fp32 bf16 --batch-clients off on --rounds 3 --out "$OUT/quick.json"
+step cifar10_n10_bf16 45 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
+    --methods standalone pfedlora --precision bf16 --batch-clients off on --rounds 3 --out "$OUT/cifar10_n10_bf16.json"
+step paper_suite 600 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings all \
+    --skip-settings cifar10-N10-C100 --methods all --standalone-first --out "$OUT/paper_suite.json"
+HOURS=()
+for f in cifar10_n10 paper_suite; do [ -f "$OUT/$f.json" ] && HOURS+=("$OUT/$f.json"); done
+if [ ${#HOURS[@]} -gt 0 ]; then
+    RESERVE=0 step suite_hours 15 "$PY" benchmarks/suite_hours.py "${HOURS[@]}" --as-standalone fedavg \
+        --out "$OUT/suite_hours.json"
+else
+    echo "=== suite_hours: skipped, nothing measured to price" | tee -a "$LOG"
+fi
 grep "^=== .*: exit" "$LOG"

@@ -19,9 +19,15 @@ settings, with the GPU's utilisation sampled by nvidia-smi during each run:
         --methods standalone pfedlora --precision fp32 bf16 --batch-clients off on
     python benchmarks/paper_cost.py --device cuda --suite quick --precision fp32 bf16 --batch-clients off on
 
-`hours_in_suite` is the measured s/round x the rounds of every run of that (setting, method) in
-the suite (seeds and ablation values): the projected device-hours of that part of the suite.
-`projection` sums them per (precision, batching) over the rows measured, with the share of the
+`--copies K` runs K copies of each measurement at once, each in its own process (spawned, with
+1/K of the torch threads): the throughput when K runs share the device, as `--run-gpus 1/K` (Ray)
+or `--jobs K` make them. A row's `s_per_round` is then the copies' mean, and the device-seconds
+a round costs is `s_per_round / copies`.
+
+`hours_in_suite` is the measured device-seconds per round x the rounds of every run of that
+(setting, method) in the suite (seeds and ablation values): the projected device-hours of that
+part of the suite.
+`projection` sums them per (precision, batching, copies) over the rows measured, with the share of the
 suite's runs they cover: `--settings all --methods all` projects the whole suite. The output
 file is rewritten after every measurement, so a run stopped early keeps what it measured.
 """
@@ -29,13 +35,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
+import multiprocessing
 import os
 import pickle
 import platform
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +119,19 @@ STAND_INS = {"cifar10": ("CIFAR-10", stand_in_cifar10), "cifar100": ("CIFAR-100"
              "fmnist": ("Fashion-MNIST", stand_in_fmnist)}
 
 
+def trust_stand_ins(tmp: str) -> None:
+    """torchvision's CIFAR loader skips its MD5 check for files under `tmp` (a stand-in has no
+    MD5); real files, linked in from elsewhere, keep their check."""
+    import torchvision.datasets.cifar as cifar
+
+    real_check, ours = cifar.check_integrity, os.path.realpath(tmp) + os.sep
+
+    def check_integrity(fpath, md5=None):
+        return os.path.isfile(fpath) if os.path.realpath(fpath).startswith(ours) else real_check(fpath, md5)
+
+    cifar.check_integrity = check_integrity
+
+
 def data_with_stand_ins(names: list[str], root: str | None, tmp: str) -> tuple[str | None, str]:
     """The data root to run on and what it holds: `root` where every dataset in `names` is there,
     else `tmp` holding a random stand-in of the same shape and size for each absent one and a link
@@ -125,14 +147,7 @@ def data_with_stand_ins(names: list[str], root: str | None, tmp: str) -> tuple[s
         if (src / entry).exists():
             (Path(tmp) / entry).symlink_to((src / entry).resolve())
     if {"cifar10", "cifar100"} & set(absent):
-        import torchvision.datasets.cifar as cifar
-
-        real_check, ours = cifar.check_integrity, os.path.realpath(tmp) + os.sep
-
-        def check_integrity(fpath, md5=None):  # a stand-in has no MD5; real files keep their check
-            return os.path.isfile(fpath) if os.path.realpath(fpath).startswith(ours) else real_check(fpath, md5)
-
-        cifar.check_integrity = check_integrity
+        trust_stand_ins(tmp)
     for n in absent:
         STAND_INS[n][1](Path(tmp))
     return tmp, "; ".join(f"{STAND_INS[n][0]}-shaped random stand-in (real data absent)" if n in absent
@@ -153,13 +168,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--batch-clients", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--copies", nargs="+", type=int, default=[1], help="runs at once on the device (K >= 1)")
     ap.add_argument("--data-root", default=os.environ.get("MHPFL_DATA"))
     ap.add_argument("--out", default="paper_cost.json", help="rewritten after every measurement")
     a = ap.parse_args()
 
     from mhpfl.benchmark.suite import load_suite
-    from mhpfl.engine import run
 
+    if min(a.copies) < 1:
+        raise SystemExit(f"error: --copies {min(a.copies)}: give how many runs share the device, 1 or more")
     suite = load_suite(a.suite)
     if a.settings == ["all"]:
         settings = [s.name for s in suite.settings]
@@ -176,6 +193,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     root, data = data_with_stand_ins(sorted({s.cfg.dataset for s in suite.settings if s.name in settings}),
                                      a.data_root, tmp.name)
+    stand_ins = root if root == tmp.name else None  # where the copies must trust stand-ins
     suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
     gpu_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
     report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
@@ -185,34 +203,56 @@ def main() -> None:
         k = max(1, round(e.cfg.frac * e.cfg.clients))  # participants per round; each client once at least
         rounds = max(a.rounds, -(-e.cfg.clients // k))
         in_suite = [x for x in suite.runs().values() if x.setting == e.setting and x.method == e.method]
-        for precision in a.precision:
-            for batching in a.batch_clients:
-                cfg = dataclasses.replace(e.cfg, rounds=rounds, eval_every=1, precision=precision,
-                                          batch_clients=batching == "on")
-                with tempfile.TemporaryDirectory() as out, GpuUtilisation() as gpu:
-                    t0 = time.perf_counter()
-                    s = run(cfg, out=out, progress=False)
-                    wall = time.perf_counter() - t0
-                    rows_csv = pd.read_csv(Path(out) / "rounds.csv")
-                per_round = statistics.median(rows_csv[rows_csv["round"] >= 2]["wall_seconds"])
-                rows.append({"setting": e.setting, "method": e.method, "precision": precision,
-                             "batch_clients": batching, "s_per_round": round(per_round, 2),
-                             "gpu_util_pct": gpu.mean,
-                             "hours_per_run": round(per_round * e.cfg.rounds / 3600, 2),
-                             "rounds_in_run": e.cfg.rounds, "runs_in_suite": len(in_suite),
-                             "rounds_in_suite": sum(x.cfg.rounds for x in in_suite),
-                             "hours_in_suite": round(per_round * sum(x.cfg.rounds for x in in_suite) / 3600, 2),
-                             "measured_rounds": rounds, "wall_s": round(wall, 1),
-                             "train_flops_per_round": s["train_flops"] / rounds})
-                print(rows[-1], flush=True)
-                report["projection"] = projection(rows, len(suite.runs()))
-                Path(a.out).write_text(json.dumps(report, indent=1))  # a run stopped early keeps its rows
+        for precision, batching, copies in itertools.product(a.precision, a.batch_clients, a.copies):
+            cfg = dataclasses.replace(e.cfg, rounds=rounds, eval_every=1, precision=precision,
+                                      batch_clients=batching == "on")
+            with GpuUtilisation() as gpu:
+                if copies == 1:
+                    times = [measure(cfg)]
+                else:
+                    threads = max(1, torch.get_num_threads() // copies)
+                    spawn = multiprocessing.get_context("spawn")
+                    with ProcessPoolExecutor(copies, mp_context=spawn) as pool:
+                        times = list(pool.map(measure, [cfg] * copies, [stand_ins] * copies, [threads] * copies))
+            per_round = statistics.mean(t[0] for t in times)
+            device_s = per_round / copies  # what a round costs the device when `copies` runs share it
+            rows.append({"setting": e.setting, "method": e.method, "precision": precision,
+                         "batch_clients": batching, "copies": copies, "s_per_round": round(per_round, 2),
+                         "s_per_round_copies": [round(t[0], 2) for t in times] if copies > 1 else None,
+                         "gpu_util_pct": gpu.mean,
+                         "hours_per_run": round(device_s * e.cfg.rounds / 3600, 2),
+                         "rounds_in_run": e.cfg.rounds, "runs_in_suite": len(in_suite),
+                         "rounds_in_suite": sum(x.cfg.rounds for x in in_suite),
+                         "hours_in_suite": round(device_s * sum(x.cfg.rounds for x in in_suite) / 3600, 2),
+                         "measured_rounds": rounds, "wall_s": round(max(t[1] for t in times), 1),
+                         "train_flops_per_round": times[0][2] / rounds})
+            print(rows[-1], flush=True)
+            report["projection"] = projection(rows, len(suite.runs()))
+            Path(a.out).write_text(json.dumps(report, indent=1))  # a run stopped early keeps its rows
     print(pd.DataFrame(rows).to_markdown(index=False))
     for p in report.get("projection", []):
-        print(f"{p['precision']}, batch-clients {p['batch_clients']}: {p['hours']} device-hours for the "
-              f"{p['runs']} of the suite's {p['runs_in_suite']} runs whose (setting, method) was measured")
+        print(f"{p['precision']}, batch-clients {p['batch_clients']}, {p['copies']} at once: {p['hours']} "
+              f"device-hours for the {p['runs']} of the suite's {p['runs_in_suite']} runs whose (setting, "
+              "method) was measured")
     print(f"data: {data}; device {a.device}{f' ({gpu_name})' if gpu_name else ''}; "
           f"{torch.get_num_threads()} torch thread(s); written {a.out}")
+
+
+def measure(cfg, stand_in_root: str | None = None, threads: int | None = None) -> tuple[float, float, float]:
+    """One run of `cfg`: the median s/round of rounds 2..R, the wall seconds, the training FLOPs.
+    A spawned copy (--copies) passes the folder its stand-ins are in and its torch threads."""
+    from mhpfl.engine import run
+
+    if stand_in_root is not None:
+        trust_stand_ins(stand_in_root)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        s = run(cfg, out=out, progress=False)
+        wall = time.perf_counter() - t0
+        rows = pd.read_csv(Path(out) / "rounds.csv")
+    return statistics.median(rows[rows["round"] >= 2]["wall_seconds"]), wall, s["train_flops"]
 
 
 def measured_entries(suite, settings: list[str], methods: list[str], standalone_first: bool = False) -> list:
@@ -224,14 +264,16 @@ def measured_entries(suite, settings: list[str], methods: list[str], standalone_
 
 
 def projection(rows: list[dict], runs_in_suite: int) -> list[dict]:
-    """Per (precision, batching): the device-hours of every suite run whose (setting, method) was
-    measured (each run's rounds x its measured s/round), and how many runs that covers."""
+    """Per (precision, batching, copies): the device-hours of every suite run whose (setting,
+    method) was measured (each run's rounds x its measured s/round / the copies sharing the
+    device), and how many runs that covers."""
     out = {}
     for r in rows:
-        p = out.setdefault((r["precision"], r["batch_clients"]),
-                           {"precision": r["precision"], "batch_clients": r["batch_clients"], "seconds": 0.0,
-                            "runs": 0, "runs_in_suite": runs_in_suite})
-        p["seconds"] += r["s_per_round"] * r["rounds_in_suite"]
+        copies = r.get("copies", 1)
+        p = out.setdefault((r["precision"], r["batch_clients"], copies),
+                           {"precision": r["precision"], "batch_clients": r["batch_clients"], "copies": copies,
+                            "seconds": 0.0, "runs": 0, "runs_in_suite": runs_in_suite})
+        p["seconds"] += r["s_per_round"] / copies * r["rounds_in_suite"]
         p["runs"] += r["runs_in_suite"]
     for p in out.values():
         p["hours"] = round(p.pop("seconds") / 3600, 2)

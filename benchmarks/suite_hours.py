@@ -5,8 +5,9 @@ by this script from the measurement files (none typed in by hand):
         docs/measurements/gpu-h200-2026-12-04/cifar10_n10_ieee.json \
         docs/measurements/gpu-h200-2026-12-04/paper_suite.json --as-standalone fedavg
 
-Each run of the suite (every seed, every ablation value) is priced at its rounds x the s/round of
-its (setting, method):
+Each run of the suite (every seed, every ablation value) is priced at its rounds x the
+device-seconds per round of its (setting, method): the s/round measured, divided by --copies
+where that many runs shared the device (paper_cost.py --copies):
 - measured: that pair's own row (where files measured a pair twice, the later file's row counts);
 - projected: Standalone's measured s/round in the run's setting x the method's ratio to Standalone
   in the nearest setting where both were measured (the same number of clients first, then the
@@ -48,11 +49,13 @@ def load_reports(paths: list[str]) -> tuple[dict, list[dict]]:
 
 
 def suite_hours(suite, rows: list[dict], precision: str = "fp32", batching: str = "off",
-                as_standalone: tuple[str, ...] = ()) -> pd.DataFrame:
+                as_standalone: tuple[str, ...] = (), copies: int = 1) -> pd.DataFrame:
     """One row per (setting, method) of `suite`: its runs, their rounds, the s/round they are
-    priced at, on what basis, and the hours (rounds x s/round / 3600; NaN where not priced)."""
-    measured = {(r["setting"], r["method"]): r["s_per_round"] for r in rows
-                if r["precision"] == precision and r["batch_clients"] == batching}  # later rows win
+    priced at (device-seconds), on what basis, and the hours (rounds x that / 3600; NaN where not
+    priced), from the rows measured with `copies` runs sharing the device."""
+    measured = {(r["setting"], r["method"]): r["s_per_round"] / copies for r in rows
+                if (r["precision"], r["batch_clients"], r.get("copies", 1)) == (precision, batching, copies)}
+    # (later rows win)
     settings = {s.name: (i, s.cfg) for i, s in enumerate(suite.settings)}
     pairs: dict[tuple[str, str], list[int]] = {}
     for e in suite.runs().values():
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("files", nargs="+", help="paper_cost.py --out files, of one machine")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch-clients", default="off", choices=["off", "on"])
+    ap.add_argument("--copies", type=int, default=1, help="the rows measured with this many runs at once")
     ap.add_argument("--as-standalone", nargs="+", default=[], metavar="METHOD",
                     help="methods measured nowhere to price at Standalone's s/round (else not priced)")
     ap.add_argument("--out", default=None, help="also write the table and totals here (JSON)")
@@ -110,22 +114,22 @@ def main() -> None:
     from mhpfl.benchmark.suite import load_suite
 
     ident, rows = load_reports(a.files)
-    table = suite_hours(load_suite(ident["suite"]), rows, a.precision, a.batch_clients, tuple(a.as_standalone))
+    table = suite_hours(load_suite(ident["suite"]), rows, a.precision, a.batch_clients, tuple(a.as_standalone),
+                        a.copies)
     t = totals(table)
     by_setting = table.assign(measured=table["runs"].where(table["basis"] == "measured", 0)).groupby(
         "setting", sort=False).agg(runs=("runs", "sum"), measured=("measured", "sum"),
                                    hours=("hours", lambda h: h.sum(min_count=len(h))))  # None if one is not priced
     print(by_setting.to_markdown(floatfmt=("", ".0f", ".0f", ".1f")))
     where = ident["device"] + (f" ({ident['gpu']})" if ident["gpu"] else "")
-    print(f"{ident['suite']} suite, {a.precision}, batch-clients {a.batch_clients}, {where}, "
-          f"{ident['torch_threads']} torch thread(s): " + "; ".join(
+    print(f"{ident['suite']} suite, {a.precision}, batch-clients {a.batch_clients}, {a.copies} run(s) at once, "
+          f"{where}, {ident['torch_threads']} torch thread(s): " + "; ".join(
               f"{k} {v['runs']} runs, " + ("no figure" if v["hours"] is None else f"{v['hours']} h")
               for k, v in t.items()))
     if a.out:
+        pairs = table.astype(object).where(table.notna(), None).to_dict("records")
         Path(a.out).write_text(json.dumps({**ident, "precision": a.precision, "batch_clients": a.batch_clients,
-                                           "totals": t,
-                                           "pairs": table.astype(object).where(table.notna(), None).to_dict("records")}, indent=1))
-
+                                           "copies": a.copies, "totals": t, "pairs": pairs}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -99,15 +99,42 @@ def test_stand_ins_are_written_only_for_the_absent_datasets(tmp_path, monkeypatc
 
 
 def test_projection_adds_up_the_suite_runs_measured():
-    def row(p, s, runs):
+    def row(p, s, runs, copies=1):
         return {"precision": p, "batch_clients": "off", "s_per_round": s, "rounds_in_suite": 500 * runs,
-                "runs_in_suite": runs}
+                "runs_in_suite": runs, "copies": copies}
 
-    got = projection([row("fp32", 2.0, 3), row("fp32", 4.5, 6), row("bf16", 1.0, 3)], 264)
-    assert got == [{"precision": "fp32", "batch_clients": "off", "runs": 9, "runs_in_suite": 264,
+    got = projection([row("fp32", 2.0, 3), row("fp32", 4.5, 6), row("bf16", 1.0, 3), row("fp32", 3.0, 3, 4)], 264)
+    assert got == [{"precision": "fp32", "batch_clients": "off", "copies": 1, "runs": 9, "runs_in_suite": 264,
                     "hours": round((2.0 * 1500 + 4.5 * 3000) / 3600, 2)},
-                   {"precision": "bf16", "batch_clients": "off", "runs": 3, "runs_in_suite": 264,
-                    "hours": round(1500 / 3600, 2)}]
+                   {"precision": "bf16", "batch_clients": "off", "copies": 1, "runs": 3, "runs_in_suite": 264,
+                    "hours": round(1500 / 3600, 2)},
+                   # four runs shared the device, each at 3 s/round: a round costs it 0.75 s
+                   {"precision": "fp32", "batch_clients": "off", "copies": 4, "runs": 3, "runs_in_suite": 264,
+                    "hours": round(0.75 * 1500 / 3600, 2)}]
+
+
+@needs_fmnist
+def test_copies_share_the_device_and_cost_it_a_share_of_their_round(tmp_path):
+    """--copies 2: two runs of the measurement at once, each in its own spawned process on one of
+    the two torch threads; the row keeps each copy's s/round, and the device-hours divide by 2."""
+    out = tmp_path / "cost.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_cost.py"), "--suite", "quick",
+                        "--methods", "standalone", "--rounds", "2", "--copies", "2",
+                        "--data-root", str(tmp_path / "data"), "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["copies"] == 2 and len(r["s_per_round_copies"]) == 2 and min(r["s_per_round_copies"]) > 0
+    assert r["s_per_round"] == pytest.approx(sum(r["s_per_round_copies"]) / 2, abs=0.01)
+    assert r["hours_in_suite"] == pytest.approx(r["s_per_round"] / 2 * 240 / 3600, abs=0.01)
+    assert r["train_flops_per_round"] > 0 and "2 at once" in p.stdout
+
+
+def test_copies_below_one_is_a_one_line_error(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "paper_cost.py"), "--copies", "0"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode != 0 and p.stderr.strip() == "error: --copies 0: give how many runs share the device, 1 or more"
 
 
 def test_measured_entries_skip_settings_and_put_standalone_first():

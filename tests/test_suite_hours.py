@@ -108,3 +108,13 @@ def test_files_from_two_suites_or_machines_are_a_one_line_error(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
         assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr
+
+
+def test_rows_measured_with_copies_price_a_round_at_its_share_of_the_device(paper):
+    rows = [row("cifar10-N50-C20", "standalone", 2.0), row("cifar10-N50-C20", "fd", 4.0)]
+    rows += [dict(r, s_per_round=r["s_per_round"] * 3, copies=4) for r in rows]  # 4 at once: 3x slower each
+    one, four = suite_hours(paper, rows), suite_hours(paper, rows, copies=4)
+    assert pair(one, "cifar10-N50-C20", "fd")["s_per_round"] == 4.0
+    assert pair(four, "cifar10-N50-C20", "fd")["s_per_round"] == 3.0  # 12 s each, four sharing the device
+    assert pair(four, "cifar10-N50-C20", "standalone")["hours"] == pytest.approx(1.5 * 1500 / 3600)
+
