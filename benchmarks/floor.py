@@ -93,6 +93,7 @@ class Floor:
                  grad_clip: float, device: str = "cpu", seed: int = 0,
                  decompositions: list[tuple] = ()):
         self.grad_clip = grad_clip
+        self.device = torch.device(device)
         self.decompositions = list(decompositions)
         self.passes = _on_copies(passes)  # the replay must not move the run's own models
         passes = self.passes
@@ -124,12 +125,19 @@ class Floor:
 
     def replay(self, train: bool | None = None) -> float:
         """Run the round's passes once (only the training or only the inference passes with
-        `train` True/False); returns the seconds taken."""
+        `train` True/False); returns the seconds taken (to the device's completion)."""
+        self._sync()
         t0 = time.perf_counter()
         for p, idx in zip(self.passes, self.index):
             if train is None or p.train == train:
                 self._run(p, idx)
+        self._sync()
         return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        """Wait for the device's queue (CUDA runs asynchronously: a replay is timed to its end)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _run(self, p: Pass, idx, step: bool = True) -> None:
         """One pass: a training pass is forward, a scalar loss, backward, gradient clipping and an
@@ -179,9 +187,11 @@ class Floor:
     def replay_decompositions(self) -> float:
         """Run the round's truncated SVDs once, on the matrices the round decomposed; returns the
         seconds."""
+        self._sync()
         t0 = time.perf_counter()
         for args in self.decompositions:
             lowrank.truncated_svd(*args)
+        self._sync()
         return time.perf_counter() - t0
 
 

@@ -17,15 +17,18 @@
 #   4. benchmarks/paper_cost.py --copies 1 4 8: CIFAR-10 N10 Standalone runs, 1, 4 and 8 at once
 #      on the GPU: the device-seconds a round costs when runs share it (Ray's --run-gpus 1/K)
 #                                                                           -> OUT/copies.json
-#   5. benchmarks/paper_cost.py: every method of the paper's CIFAR-10 N10 setting in fp32, one
+#   5. benchmarks/test_round.py: a CIFAR-10 N10 round of Standalone, pFedLoRA and FedMD through
+#      the engine against its floor (the same passes in a bare PyTorch loop), on the GPU: the
+#      engine's own overhead there                                          -> OUT/round_floor.json
+#   6. benchmarks/paper_cost.py: every method of the paper's CIFAR-10 N10 setting in fp32, one
 #      client at a time (cifar10_n10.json); Standalone and pFedLoRA in the quick suite's N10
 #      setting, fp32 and bf16, one at a time and batched (quick.json); the two in CIFAR-10 N10 in
 #      bf16, one at a time and batched (cifar10_n10_bf16.json). Session Z measured batching on
 #      CIFAR-10 N10 (slower: 0.83-0.85x), so that step no longer repeats it
-#   6. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
+#   7. the paper suite's other settings as its protocol runs them (fp32, one client at a time),
 #      Standalone first in every setting, then the other methods, as far as the time left goes
 #                                                                           -> OUT/paper_suite.json
-#   7. benchmarks/suite_hours.py: with step 5's N10 rows, the paper suite's device-hours, measured
+#   8. benchmarks/suite_hours.py: with step 6's N10 rows, the paper suite's device-hours, measured
 #      and projected apart                                                  -> OUT/suite_hours.json
 #
 # GPU_CHECK_DEVICE=cpu runs the same steps on CPU (to check the script; the limits then cut the
@@ -79,6 +82,8 @@ step compile 120 "$PY" benchmarks/test_compile.py --device "$DEVICE" --shape 3 3
     --modes reduce-overhead default --out "$OUT/compile.json"
 step copies 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
     --methods standalone --copies 1 4 8 --rounds 3 --out "$OUT/copies.json"
+step floor 150 "$PY" -m benchmarks.test_round --device "$DEVICE" --suite paper --setting cifar10-N10-C100 \
+    --methods standalone pfedlora fedmd --out "$OUT/round_floor.json"
 step cifar10_n10 200 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite paper --settings cifar10-N10-C100 \
     --methods all --precision fp32 --rounds 3 --out "$OUT/cifar10_n10.json"
 step quick 60 "$PY" benchmarks/paper_cost.py --device "$DEVICE" --suite quick --methods standalone pfedlora \

@@ -1,13 +1,25 @@
 """One round of the quick suite's N10 setting (evaluation every round) through mhpfl's engine,
-for each method, against its floor (benchmarks/floor.py); the core's peak; start-up."""
+for each method, against its floor (benchmarks/floor.py); the core's peak; start-up.
+
+The same round-vs-floor measurement runs outside pytest on any device and setting (the GPU
+check runs it on CUDA; where the setting's dataset is absent, a random stand-in of its shape and
+size is used, as benchmarks/paper_cost.py does):
+
+    python -m benchmarks.test_round --device cuda --suite paper --setting cifar10-N10-C100 \
+        --methods standalone pfedlora --out round_floor.json
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
+import tempfile
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +176,48 @@ def test_startup_by_method(benchmark, data_root, tmp_path):
 
     PEAK["fixed_by_method"] = benchmark.pedantic(measure_all, rounds=1, iterations=1)
     assert all(t > 0 for t, _ in PEAK["fixed_by_method"].values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="One round through the engine against its floor, per method")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--suite", default="quick", choices=["quick", "paper"])
+    ap.add_argument("--setting", default=SETTING)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every method of the setting")
+    ap.add_argument("--train-fraction", type=float, default=None,
+                    help="default: the setting's (make bench-time's table uses 0.1 of quick's N10)")
+    ap.add_argument("--data-root", default=os.environ.get("MHPFL_DATA"))
+    ap.add_argument("--out", default="round_floor.json", help="rewritten after every method")
+    a = ap.parse_args()
+    from benchmarks.paper_cost import GpuUtilisation, data_with_stand_ins, measured_entries
+
+    suite = load_suite(a.suite)
+    setting = next((x for x in suite.settings if x.name == a.setting), None)
+    methods = a.methods or suite.methods
+    unknown = ([] if setting else [a.setting]) + sorted(set(methods) - set(suite.methods))
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: not in the {a.suite} suite; its settings are "
+                         f"{', '.join(x.name for x in suite.settings)} and its methods {', '.join(suite.methods)}")
+    tmp = tempfile.TemporaryDirectory()
+    root, data = data_with_stand_ins([setting.cfg.dataset], a.data_root, tmp.name)
+    suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
+    report = {"device": a.device, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+              "torch_threads": torch.get_num_threads(), "suite": a.suite, "setting": a.setting, "data": data,
+              "rows": []}
+    for e in measured_entries(suite, [a.setting], methods):
+        cfg = dataclasses.replace(e.cfg, rounds=ROUNDS, eval_every=1)
+        if a.train_fraction is not None:
+            cfg = dataclasses.replace(cfg, train_fraction=a.train_fraction)
+        with GpuUtilisation() as gpu:
+            res = measure(cfg)
+        report["rows"].append({**res, "gpu_util_pct": gpu.mean})
+        print(report["rows"][-1], flush=True)
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    for r in report["rows"]:
+        print(f"{r['method']}: engine {r['engine_s']:.3f} s/round, floor {r['floor_s']:.3f} s, "
+              f"{r['ratio']:.2f}x the floor, {r['gflops']:.1f} GFLOP/s")
+    print(f"data: {data}; device {a.device}; written {a.out}")
+
+
+if __name__ == "__main__":
+    main()

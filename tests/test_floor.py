@@ -2,11 +2,20 @@
 and evaluation FLOP rates (docs/performance.md) compare like with like."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from benchmarks.floor import Floor, Pass
 from mhpfl.engine.meter import forward_flops
 from mhpfl.models import build_model
+from tests.conftest import needs_fmnist
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = (1, 28, 28)
 BATCH = 16
@@ -34,3 +43,27 @@ def test_floor_counts_the_backward_pass_autograd_runs():
     copy = _floor(model, model.parameters()).passes[0].module
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
     assert all(p.grad is None for p in copy.parameters())
+
+
+@needs_fmnist
+def test_round_vs_floor_runs_outside_pytest_benchmark(tmp_path):
+    """`python -m benchmarks.test_round` (what the GPU check runs on CUDA) measures a method's
+    engine round against its floor on any device and setting, and writes every row."""
+    out = tmp_path / "rf.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.test_round", "--methods", "standalone",
+                        "--train-fraction", "0.05", "--out", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert (report["device"], report["suite"], report["setting"], row["method"]) == ("cpu", "quick", "N10-C100",
+                                                                                     "standalone")
+    assert row["steps"] > 0 and row["engine_s"] > 0 and row["floor_s"] > 0 and row["gpu_util_pct"] is None
+    assert row["ratio"] == row["engine_s"] / row["floor_s"] and "x the floor" in p.stdout
+
+
+def test_round_vs_floor_names_an_unknown_setting_in_one_line():
+    p = subprocess.run([sys.executable, "-m", "benchmarks.test_round", "--setting", "N10"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith("error: N10: not in the quick suite; its settings are N10-C100")
