@@ -26,10 +26,11 @@ a round costs is `s_per_round / copies`.
 
 `hours_in_suite` is the measured device-seconds per round x the rounds of every run of that
 (setting, method) in the suite (seeds and ablation values): the projected device-hours of that
-part of the suite.
-`projection` sums them per (precision, batching, copies) over the rows measured, with the share of the
-suite's runs they cover: `--settings all --methods all` projects the whole suite. The output
-file is rewritten after every measurement, so a run stopped early keeps what it measured.
+part of the suite. `projection` sums them per (precision, batching, copies) over the rows
+measured, with the share of the suite's runs they cover: `--settings all --methods all` projects
+the whole suite (benchmarks/suite_hours.py prices the runs not measured from those that were).
+The output file is rewritten after every measurement, so a run stopped early keeps what it
+measured.
 """
 from __future__ import annotations
 

@@ -131,5 +131,6 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({**ident, "precision": a.precision, "batch_clients": a.batch_clients,
                                            "copies": a.copies, "totals": t, "pairs": pairs}, indent=1))
 
+
 if __name__ == "__main__":
     main()

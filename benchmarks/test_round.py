@@ -14,10 +14,10 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,7 +210,7 @@ def main() -> None:
             cfg = dataclasses.replace(cfg, train_fraction=a.train_fraction)
         with GpuUtilisation() as gpu:
             res = measure(cfg)
-        report["rows"].append({**res, "gpu_util_pct": gpu.mean})
+        report["rows"].append({**res, "gpu_util_pct": gpu.mean})  # over the engine's rounds and the replays
         print(report["rows"][-1], flush=True)
         Path(a.out).write_text(json.dumps(report, indent=1))
     for r in report["rows"]:
