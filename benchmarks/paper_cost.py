@@ -185,17 +185,11 @@ def main() -> None:
         settings = a.settings or ([s.name for s in suite.settings if s.cfg.dataset == "cifar10"]
                                   if a.suite == "paper" else [s.name for s in suite.settings])
     methods = suite.methods if a.methods == ["all"] else a.methods
-    unknown = sorted(set(settings + a.skip_settings) - {s.name for s in suite.settings}) \
-        + sorted(set(methods) - set(suite.methods))
-    if unknown:
-        raise SystemExit(f"error: {', '.join(unknown)}: not in the {a.suite} suite; its settings are "
-                         f"{', '.join(s.name for s in suite.settings)} and its methods {', '.join(suite.methods)}")
+    check_names(suite, settings + a.skip_settings, methods)
     settings = [s for s in settings if s not in a.skip_settings]
     tmp = tempfile.TemporaryDirectory()
-    root, data = data_with_stand_ins(sorted({s.cfg.dataset for s in suite.settings if s.name in settings}),
-                                     a.data_root, tmp.name)
+    suite, root, data = suite_on_data(a.suite, settings, a.data_root, a.device, tmp.name)
     stand_ins = root if root == tmp.name else None  # where the copies must trust stand-ins
-    suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
     gpu_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
     report = {"device": a.device, "gpu": gpu_name, "torch_threads": torch.get_num_threads(),
               "cpu": platform.processor(), "data": data, "suite": a.suite, "rows": []}
@@ -237,6 +231,24 @@ def main() -> None:
               "method) was measured")
     print(f"data: {data}; device {a.device}{f' ({gpu_name})' if gpu_name else ''}; "
           f"{torch.get_num_threads()} torch thread(s); written {a.out}")
+
+
+def check_names(suite, settings: list[str], methods: list[str]) -> None:
+    """A one-line error naming every setting or method that is not in `suite`."""
+    unknown = sorted(set(settings) - {s.name for s in suite.settings}) + sorted(set(methods) - set(suite.methods))
+    if unknown:
+        raise SystemExit(f"error: {', '.join(unknown)}: not in the {suite.name} suite; its settings are "
+                         f"{', '.join(s.name for s in suite.settings)} and its methods {', '.join(suite.methods)}")
+
+
+def suite_on_data(name: str, settings: list[str], data_root: str | None, device: str, tmp: str):
+    """The suite `name` set to run on `device` from the data its `settings` need (stand-ins in
+    `tmp` for what is absent, see data_with_stand_ins): (suite, data root, what the data are)."""
+    from mhpfl.benchmark.suite import load_suite
+
+    datasets = sorted({s.cfg.dataset for s in load_suite(name).settings if s.name in settings})
+    root, data = data_with_stand_ins(datasets, data_root, tmp)
+    return load_suite(name, overrides={"data_root": root, "download": False, "device": device}), root, data
 
 
 def measure(cfg, stand_in_root: str | None = None, threads: int | None = None) -> tuple[float, float, float]:

@@ -189,18 +189,13 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("MHPFL_DATA"))
     ap.add_argument("--out", default="round_floor.json", help="rewritten after every method")
     a = ap.parse_args()
-    from benchmarks.paper_cost import GpuUtilisation, data_with_stand_ins, measured_entries
+    from benchmarks.paper_cost import GpuUtilisation, check_names, measured_entries, suite_on_data
 
-    suite = load_suite(a.suite)
-    setting = next((x for x in suite.settings if x.name == a.setting), None)
-    methods = a.methods or suite.methods
-    unknown = ([] if setting else [a.setting]) + sorted(set(methods) - set(suite.methods))
-    if unknown:
-        raise SystemExit(f"error: {', '.join(unknown)}: not in the {a.suite} suite; its settings are "
-                         f"{', '.join(x.name for x in suite.settings)} and its methods {', '.join(suite.methods)}")
+    plain = load_suite(a.suite)
+    methods = a.methods or plain.methods
+    check_names(plain, [a.setting], methods)
     tmp = tempfile.TemporaryDirectory()
-    root, data = data_with_stand_ins([setting.cfg.dataset], a.data_root, tmp.name)
-    suite = load_suite(a.suite, overrides={"data_root": root, "download": False, "device": a.device})
+    suite, _, data = suite_on_data(a.suite, [a.setting], a.data_root, a.device, tmp.name)
     report = {"device": a.device, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
               "torch_threads": torch.get_num_threads(), "suite": a.suite, "setting": a.setting, "data": data,
               "rows": []}
