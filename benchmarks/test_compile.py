@@ -10,7 +10,8 @@ client's last, smaller batch is another), so compiling pays only where (saved ti
 
 On a GPU, where a step of these CNNs is launch-bound (docs/performance.md, "GPU"), the same
 comparison with the compile modes that cut launches (`reduce-overhead`: CUDA graphs) is run by
-hand, as benchmarks/gpu_check.sh does:
+hand (session AB on an H200, docs/measurements/gpu-h200-2026-12-04b/compile.json: training
+1.43-1.46x with CUDA graphs, 0.83x without):
 
     python benchmarks/test_compile.py --device cuda --shape 3 32 32 --modes default reduce-overhead
 """

@@ -1,5 +1,9 @@
+import math
+
+import pytest
 import torch
 
+from mhpfl.datasets import Split
 from mhpfl.datasets.augment import augment
 
 
@@ -28,3 +32,67 @@ def test_erasing_blanks_a_rectangle_of_the_given_scale():
     out = augment(x, torch.Generator().manual_seed(0), pad=0, erase_p=1.0)
     frac = (out == 0).float().mean(dim=(1, 2, 3))
     assert frac.min() >= 0.02 and frac.max() <= 0.25  # scale 0.04-0.2 of the area, up to rounding
+
+
+def _one_step_at_a_time(x, g, pad=4, erase_p=0.5, scale=(0.04, 0.2), ratio=(0.5, 2.0)):
+    """The augmentation's definition, one operation after another on one batch, eight draws of
+    B numbers from `g` in this order: crop row, crop column, flip, erase area, erase ratio,
+    erase row, erase column, erase or not."""
+    b, c, h, w = x.shape
+
+    def rand(n):
+        return torch.rand(n, generator=g, device=g.device).to(x.device)
+
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy, ox = (rand(b) * (2 * pad + 1)).long(), (rand(b) * (2 * pad + 1)).long()
+    out = torch.stack([xp[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(b)])
+    flip = rand(b) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    area = h * w * (scale[0] + rand(b) * (scale[1] - scale[0]))
+    ar = torch.exp(math.log(ratio[0]) + rand(b) * (math.log(ratio[1]) - math.log(ratio[0])))
+    eh = torch.sqrt(area * ar).round().long().clamp(1, h)
+    ew = torch.sqrt(area / ar).round().long().clamp(1, w)
+    y0, x0 = (rand(b) * (h - eh + 1).float()).long(), (rand(b) * (w - ew + 1).float()).long()
+    erase = rand(b) < erase_p
+    for i in range(b):
+        if erase[i]:
+            out[i, :, y0[i]:y0[i] + eh[i], x0[i]:x0[i] + ew[i]] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("shape,kw", [((64, 3, 32, 32), {}), ((37, 1, 8, 8), {"pad": 2}),
+                                      ((50, 3, 32, 32), {"pad": 0, "erase_p": 1.0}),
+                                      ((20, 3, 12, 20), {"erase_p": 0.0})])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_augment_is_its_definition_bit_for_bit(shape, kw, channels_last):
+    """One gather from the padded batch gives the pixels cropping, flipping and erasing one after
+    another give (the same draws from the generator), in the models' channels-last layout."""
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for seed in range(5):
+        out = augment(x, torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(out, _one_step_at_a_time(x, torch.Generator().manual_seed(seed), **kw))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("n,batch,chunk", [(200, 32, 4096), (200, 32, 64), (130, 64, 100), (10, 64, 4096)])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_an_epoch_augmented_at_once_is_batch_after_batch(n, batch, chunk, shuffle, monkeypatch):
+    """Split.batches augments an epoch's batches a chunk at a time (the shuffle folded into the
+    gather): the batches, labels and the generator's next draws are those of shuffling, then
+    augmenting each batch in turn, over two epochs."""
+    import mhpfl.datasets.augment as aug
+
+    monkeypatch.setattr(aug.augmented_batches, "__defaults__", (chunk,))
+    x = torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (n,))
+    split = Split(x, y, augment=True)
+    g_ref, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(2):
+        order = torch.randperm(n, generator=g_ref) if shuffle else torch.arange(n)
+        ref = [(_one_step_at_a_time(x[idx], g_ref), y[idx]) for idx in order.split(batch)]
+        got = list(split.batches(batch, g, shuffle=shuffle))
+        assert len(got) == len(ref)
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, ref))
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=g_ref))

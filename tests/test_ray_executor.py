@@ -148,6 +148,9 @@ def test_one_line_errors(tmp_path, data_root, local_ray, monkeypatch, capsys):
         run_suite(suite, tmp_path / "a", progress=False, executor="ray", ray=RayOptions(run_gpus=1))
     with pytest.raises(UserError, match="--device cuda with --run-gpus 0"):
         RayOptions(run_gpus=0).validate("cuda")
+    # by default four runs share a GPU (docs/performance.md, "GPU"), and a CPU run reserves none
+    assert RayOptions().validate("cuda") == 0.25 and RayOptions().validate("cpu") == 0
+    assert RayOptions(run_gpus=1).validate("cuda") == 1
     # an address where nothing answers: a quick one-line error, not minutes of retries
     import socket
 

@@ -35,13 +35,18 @@ from mhpfl.errors import Interrupted, UserError
 from mhpfl.telemetry import telemetry_off
 
 INSTALL_HINT = "pip install 'mhpfl-bench[ray]' (or: pip install ray)"
+# GPUs a run reserves by default with --device cuda: four runs share a GPU. Measured on an H200
+# (docs/performance.md, "GPU"; benchmarks/paper_cost.py --copies 1 4 8, CIFAR-10 N10 Standalone):
+# one run alone left it 79% idle; four at once each ran at 0.83x the speed of one alone, so a round
+# cost 0.30x the GPU-seconds (eight: 0.27x, each run at 0.46x)
+GPU_SHARE = 0.25
 
 
 @dataclass
 class RayOptions:
     address: str | None = None  # None: start a local instance; "auto", "HOST:PORT", "ray://HOST:PORT"
     run_cpus: float = 1.0  # CPUs reserved per run (also its torch threads unless --threads)
-    run_gpus: float | None = None  # GPUs per run; default 1 with --device cuda, else 0
+    run_gpus: float | None = None  # GPUs per run; default GPU_SHARE with --device cuda, else 0
     max_retries: int = 2  # retries of a run whose worker or node died
     init_kwargs: dict[str, Any] = field(default_factory=dict)  # more ray.init args for a local instance
 
@@ -51,7 +56,7 @@ class RayOptions:
             raise UserError(f"--run-cpus must be > 0 (got {self.run_cpus})")
         if self.max_retries < 0:
             raise UserError(f"--max-retries must be >= 0 (got {self.max_retries})")
-        gpus = self.run_gpus if self.run_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
+        gpus = self.run_gpus if self.run_gpus is not None else (GPU_SHARE if device.startswith("cuda") else 0.0)
         if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
             raise UserError(f"--run-gpus must be a fraction in (0, 1] or a whole number (got {gpus})")
         if device.startswith("cuda") and gpus == 0:

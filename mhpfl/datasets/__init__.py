@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from mhpfl.datasets.augment import augment
+from mhpfl.datasets.augment import augmented_batches
 from mhpfl.datasets.loaders import DATASETS, DatasetInfo, dataset_info, default_data_root, load_dataset
 from mhpfl.datasets.partition import Partition, PartitionSpec, make_partition, public_pool_size
 
@@ -52,12 +52,12 @@ class Split:
         n = len(self.x)
         dev = g.device if g is not None else "cpu"  # drawn where the stream lives (a client's: the run's device)
         order = torch.randperm(n, generator=g, device=dev).to(self.x.device) if shuffle else None
+        if self.augment and g is not None:  # the epoch's batches augmented a chunk at a time
+            yield from augmented_batches(self.x, self.y, order, g, batch_size)
+            return
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size] if shuffle else slice(s, s + batch_size)
-            xb, yb = self.x[idx], self.y[idx]
-            if self.augment and g is not None:
-                xb = augment(xb, g)
-            yield xb, yb
+            yield self.x[idx], self.y[idx]
 
     def subset(self, idx: torch.Tensor, y: torch.Tensor | None = None) -> "Split":
         return Split(self.x[idx], self.y[idx] if y is None else y, self.augment)
