@@ -16,6 +16,12 @@ where that many runs shared the device (paper_cost.py --copies):
   trains what Standalone trains, plus one average) is priced at Standalone's s/round;
 - not priced: Standalone was not measured in the run's setting, or the method nowhere (and not
   named by --as-standalone).
+With --copies K > 1, a pair measured with K runs at once is priced so (measured); any other is
+priced as one run alone (measured, projected or as Standalone, from the rows of one run at a
+time, as above) x Standalone's K-at-once factor (device-seconds of a round with K at once / alone,
+both from one file: paper_cost.py --copies 1 K measures them in one call) in the nearest setting
+where Standalone was measured both ways (shared): an extrapolation that assumes every method
+shares the device as Standalone did; not priced where no such setting exists.
 An ablation run is priced as its setting's main run of the method (paper_cost.py does the same).
 The files must come from one suite, device, GPU, CPU and torch thread count.
 """
@@ -45,17 +51,23 @@ def load_reports(paths: list[str]) -> tuple[dict, list[dict]]:
             diff = ", ".join(f"{k} {ident[k]!r} vs {other[k]!r}" for k in IDENTITY if other[k] != ident[k])
             raise SystemExit(f"error: {p} and {paths[0]} differ in {diff}; give the files of one suite "
                              f"measured on one machine")
-    return ident, [row for r in reports for row in r["rows"]]
+    return ident, [dict(row, file=i) for i, r in enumerate(reports) for row in r["rows"]]
 
 
 def suite_hours(suite, rows: list[dict], precision: str = "fp32", batching: str = "off",
                 as_standalone: tuple[str, ...] = (), copies: int = 1) -> pd.DataFrame:
     """One row per (setting, method) of `suite`: its runs, their rounds, the s/round they are
     priced at (device-seconds), on what basis, and the hours (rounds x that / 3600; NaN where not
-    priced), from the rows measured with `copies` runs sharing the device."""
-    measured = {(r["setting"], r["method"]): r["s_per_round"] / copies for r in rows
-                if (r["precision"], r["batch_clients"], r.get("copies", 1)) == (precision, batching, copies)}
-    # (later rows win)
+    priced), for `copies` runs sharing the device (see the module's text)."""
+    measured = _device_seconds(rows, precision, batching, copies)
+    alone = _device_seconds(rows, precision, batching, 1) if copies > 1 else measured
+    factors = {}  # setting -> Standalone's device-seconds with `copies` at once / alone, from one file
+    if copies > 1:
+        by_file = {(r.get("file"), r["setting"]): r for r in _rows(rows, precision, batching, 1)
+                   if r["method"] == "standalone"}
+        for r in _rows(rows, precision, batching, copies):
+            if r["method"] == "standalone" and (r.get("file"), r["setting"]) in by_file:
+                factors[r["setting"]] = r["s_per_round"] / copies / by_file[r.get("file"), r["setting"]]["s_per_round"]
     settings = {s.name: (i, s.cfg) for i, s in enumerate(suite.settings)}
     pairs: dict[tuple[str, str], list[int]] = {}
     for e in suite.runs().values():
@@ -64,28 +76,58 @@ def suite_hours(suite, rows: list[dict], precision: str = "fp32", batching: str 
         p[1] += e.cfg.rounds
     out = []
     for (setting, method), (runs, rounds) in pairs.items():
-        s, basis = measured.get((setting, method)), "measured"
-        alone = measured.get((setting, "standalone"))
-        if s is None and alone is None:
-            basis = "not priced: Standalone not measured in this setting"
-        elif s is None:
-            ref = _nearest_reference(setting, method, measured, settings)
-            if ref is None and method in as_standalone:
-                s, basis = alone, "as Standalone: the method was measured in no setting"
-            elif ref is None:
-                basis = "not priced: the method was measured in no setting"
-            else:
-                ratio = measured[(ref, method)] / measured[(ref, "standalone")]
-                s, basis = alone * ratio, f"projected: Standalone's x {ratio:.2f} (the ratio in {ref})"
+        if copies == 1 or (setting, method) in measured:
+            s, basis = _price(setting, method, measured, settings, as_standalone)
+        else:
+            s, basis = _price(setting, method, alone, settings, as_standalone)
+            ref = _nearest(setting, [r for r in settings if r in factors], settings)
+            if s is not None and ref is None:
+                s, basis = None, f"not priced: Standalone measured alone and {copies} at once in no setting"
+            elif s is not None:
+                f = factors[ref]
+                s, basis = s * f, f"shared: {basis} x {f:.2f} (Standalone's {copies}-at-once factor in {ref})"
         out.append({"setting": setting, "method": method, "runs": runs, "rounds": rounds,
                     "s_per_round": None if s is None else round(s, 3), "basis": basis,
                     "hours": None if s is None else s * rounds / 3600})
     return pd.DataFrame(out)
 
 
+def _rows(rows: list[dict], precision: str, batching: str, copies: int) -> list[dict]:
+    return [r for r in rows if (r["precision"], r["batch_clients"], r.get("copies", 1)) == (precision, batching, copies)]
+
+
+def _device_seconds(rows: list[dict], precision: str, batching: str, copies: int) -> dict:
+    """(setting, method) -> device-seconds of a round, from the rows measured with `copies` runs at
+    once (later rows win)."""
+    return {(r["setting"], r["method"]): r["s_per_round"] / copies for r in _rows(rows, precision, batching, copies)}
+
+
+def _price(setting: str, method: str, measured: dict, settings: dict,
+           as_standalone: tuple[str, ...]) -> tuple[float | None, str]:
+    """A pair's device-seconds per round from `measured`, and on what basis."""
+    s, alone = measured.get((setting, method)), measured.get((setting, "standalone"))
+    if s is not None:
+        return s, "measured"
+    if alone is None:
+        return None, "not priced: Standalone not measured in this setting"
+    ref = _nearest_reference(setting, method, measured, settings)
+    if ref is None and method in as_standalone:
+        return alone, "as Standalone: the method was measured in no setting"
+    if ref is None:
+        return None, "not priced: the method was measured in no setting"
+    ratio = measured[(ref, method)] / measured[(ref, "standalone")]
+    return alone * ratio, f"projected: Standalone's x {ratio:.2f} (the ratio in {ref})"
+
+
 def _nearest_reference(setting: str, method: str, measured: dict, settings: dict) -> str | None:
-    _, cfg = settings[setting]
     refs = [r for r in settings if (r, method) in measured and (r, "standalone") in measured]
+    return _nearest(setting, refs, settings)
+
+
+def _nearest(setting: str, refs: list[str], settings: dict) -> str | None:
+    """The setting of `refs` nearest to `setting`: the same number of clients first, then the same
+    dataset, then the same zoo, then the suite's order."""
+    _, cfg = settings[setting]
     return min(refs, key=lambda r: (abs(settings[r][1].clients - cfg.clients), settings[r][1].dataset != cfg.dataset,
                                     settings[r][1].zoo != cfg.zoo, settings[r][0]), default=None)
 
@@ -106,7 +148,9 @@ def main() -> None:
     ap.add_argument("files", nargs="+", help="paper_cost.py --out files, of one machine")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--batch-clients", default="off", choices=["off", "on"])
-    ap.add_argument("--copies", type=int, default=1, help="the rows measured with this many runs at once")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="price K runs sharing the device: the rows measured with K at once, the rest "
+                         "extrapolated with Standalone's K-at-once factor (see above)")
     ap.add_argument("--as-standalone", nargs="+", default=[], metavar="METHOD",
                     help="methods measured nowhere to price at Standalone's s/round (else not priced)")
     ap.add_argument("--out", default=None, help="also write the table and totals here (JSON)")

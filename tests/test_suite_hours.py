@@ -118,3 +118,46 @@ def test_rows_measured_with_copies_price_a_round_at_its_share_of_the_device(pape
     assert pair(four, "cifar10-N50-C20", "fd")["s_per_round"] == 3.0  # 12 s each, four sharing the device
     assert pair(four, "cifar10-N50-C20", "standalone")["hours"] == pytest.approx(1.5 * 1500 / 3600)
 
+
+
+def test_pairs_not_measured_sharing_the_device_are_extrapolated_with_standalones_factor_from_one_file(paper):
+    """--copies K: a pair measured with K at once is priced so; any other is its price alone x
+    Standalone's K-at-once factor, taken from one file's alone and K-at-once rows (the same call),
+    in the nearest setting; without such a factor it is not priced."""
+    n10, n50 = "cifar10-N10-C100", "cifar10-N50-C20"
+    rows = [dict(row(n50, "standalone", 2.0), file=0), dict(row(n50, "fd", 4.0), file=0),
+            dict(row("cifar10-N100-C10", "standalone", 1.0), file=0),
+            dict(row(n10, "standalone", 3.0), file=1), dict(row(n10, "standalone", 6.0), file=1, copies=4),
+            dict(row(n10, "fedmd", 9.0), file=1),
+            dict(row(n50, "standalone", 100.0), file=2, copies=4)]  # no alone row in its file: no factor
+    t = suite_hours(paper, rows, copies=4)
+    assert pair(t, n10, "standalone")["s_per_round"] == 1.5 and pair(t, n10, "standalone")["basis"] == "measured"
+    r = pair(t, n10, "fedmd")  # 9 s alone x (6 / 4) / 3
+    assert r["s_per_round"] == 4.5
+    assert r["basis"] == f"shared: measured x 0.50 (Standalone's 4-at-once factor in {n10})"
+    assert pair(t, n50, "fd")["s_per_round"] == 2.0  # N50's only factor would mix two files: N10's is used
+    assert pair(t, n50, "standalone")["s_per_round"] == 25.0  # measured 4 at once
+    r = pair(t, "cifar10-N100-C10", "fd")  # projected alone (1 s x N50's ratio 4 / 2), then shared
+    assert r["s_per_round"] == 1.0 and r["basis"].startswith("shared: projected: Standalone's x 2.00")
+    r = pair(t, "cifar100-N100-C10", "fd")
+    assert pd.isna(r["hours"]) and r["basis"] == "not priced: Standalone not measured in this setting"
+    got = totals(t)
+    assert got["shared"]["runs"] > 0 and got["measured"]["runs"] == 6 and got["all"]["hours"] is None
+    t = suite_hours(paper, [r for r in rows if r["file"] != 1], copies=4)  # no factor anywhere
+    assert pair(t, n50, "fd")["basis"] == "not priced: Standalone measured alone and 4 at once in no setting"
+
+
+def test_session_abs_files_give_the_documented_gpu_hours_alone_and_four_at_once(tmp_path):
+    """docs/performance.md's 151.0 H200-hours one run per GPU and 45.2 four at once (session AB's
+    CIFAR-10 N10 rows and its 1-and-4-at-once Standalone rows, with session Z's other settings)."""
+    z, ab = GPU_FILES[0].parent, ROOT / "docs" / "measurements" / "gpu-h200-2026-12-04b"
+    files = [z / "cifar10_n10_ieee.json", z / "paper_suite.json", ab / "copies.json", ab / "cifar10_n10.json"]
+    for copies, hours in ((1, 151.0), (4, 45.2)):
+        out = tmp_path / f"hours{copies}.json"
+        p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_hours.py"), *map(str, files),
+                            "--as-standalone", "fedavg", "--copies", str(copies), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        t = json.loads(out.read_text())["totals"]
+        assert (t["all"]["runs"], t["all"]["hours"]) == (399, hours)
+    assert (t["measured"]["runs"], t["shared"]["runs"]) == (3, 396)

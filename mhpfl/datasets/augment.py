@@ -9,7 +9,8 @@ one random draw, a little index arithmetic on (2, samples) tensors and one gathe
 a CIFAR step is bound by kernel launches rather than arithmetic, that is about 40 kernels an epoch
 chunk instead of 60 for every batch. The values are those of cropping, flipping and erasing one
 batch after another with 8 uniform draws per batch (tests/test_augment.py checks them against that
-definition, bit for bit on CPU); the output is in the channels-last layout the models take."""
+definition, bit for bit on CPU); the output is in the channels-last layout the models take. An
+epoch in progress holds a padded copy of the client's images and one augmented chunk."""
 from __future__ import annotations
 
 import math
@@ -25,10 +26,12 @@ DRAWS = 8  # uniform numbers per sample: crop row, crop column, flip, erase area
 @lru_cache(maxsize=None)
 def _grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Positions 0..max(h, w)-1, the columns left to right and mirrored, and the (rows,
-    columns) limits as a (2, 1) tensor with its lower bound 1, on `device`."""
+    columns) limits as a (2, 1) tensor with its lower bound 1, on `device` (made there: a copy
+    from the host would wait for the device's queue)."""
     with torch.inference_mode(False):
         pos = torch.arange(max(h, w), device=device)
-        lim = torch.tensor([[h], [w]], device=device)
+        lim = pos.new_full((2, 1), h)
+        lim[1] = w
         return pos, pos[:w], pos[:w].flip(0), lim, torch.ones_like(lim)
 
 
