@@ -84,7 +84,7 @@ def test_an_epoch_augmented_at_once_is_batch_after_batch(n, batch, chunk, shuffl
     augmenting each batch in turn, over two epochs."""
     import mhpfl.datasets.augment as aug
 
-    monkeypatch.setattr(aug.augmented_batches, "__defaults__", (chunk,))
+    monkeypatch.setattr(aug, "CHUNK", chunk)
     x = torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (n,))
     split = Split(x, y, augment=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 DRAWS = 8  # uniform numbers per sample: crop row, crop column, flip, erase area, ratio, row, column, p
+CHUNK = 4096  # samples of an epoch augmented at once (whole batches): bounds its index and image copies
 
 
 @lru_cache(maxsize=None)
@@ -91,14 +92,14 @@ def epoch_draws(g: torch.Generator, n: int, batch_size: int, device: torch.devic
 
 
 def augmented_batches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, g: torch.Generator,
-                      batch_size: int, chunk: int = 4096) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An epoch's augmented batches of (x[order], y[order]) (order None: as they are), the same as
-    `augment` on each batch in turn with `g`, computed `chunk` samples (whole batches) at a time."""
+    `augment` on each batch in turn with `g`, computed CHUNK samples (whole batches) at a time."""
     n = len(x)
     u = epoch_draws(g, n, batch_size, x.device)
     padded = padded_pixels(x)
     y = y if order is None else y[order]
-    step = max(1, chunk // batch_size) * batch_size
+    step = max(1, CHUNK // batch_size) * batch_size
     for s in range(0, n, step):
         e = min(n, s + step)
         xs = (augment_drawn(padded[s:e], u[:, s:e], None) if order is None
