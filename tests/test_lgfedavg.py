@@ -116,7 +116,7 @@ def test_warmup_rounds_share_every_identical_layer():
 def test_client_set_up_checks_the_zoo_on_the_meta_device_once_per_zoo():
     """Every client checks --global-layers against the zoo at its set-up: from shapes of models
     built on the meta device, once per zoo, so a set-up initialises no model and draws no random
-    number (real models cost 0.1 s per client, a quarter of a round at full's N100 setting)."""
+    number (real models cost 0.1 s per client, about a fifth of a round at full's N100 setting)."""
     from mhpfl.methods.lgfedavg import layer_shapes
 
     layer_shapes.cache_clear()
