@@ -75,13 +75,15 @@ def pytest_terminal_summary(terminalreporter):
               for m, (t, heavy) in sorted(PEAK["fixed_by_method"].items(), key=lambda kv: kv[1][0])))
     if RESULTS:
         w(f"{'method':<12}{'s/round':>9}{'floor':>9}{'ratio':>7}{'GFLOP/s':>9}{'floor train':>13}"
-          f"{'floor eval':>12}{'% peak':>8}{'floor SVD s':>13}")
+          f"{'floor eval':>12}{'% peak':>8}{'floor SVD s':>13}{'floor server s':>16}")
         for r in RESULTS:
             pk = f"{100 * r['gflops'] * 1e9 / PEAK['peak']:.0f}" if "peak" in PEAK else "-"
             w(f"{r['method']:<12}{r['engine_s']:>9.3f}{r['floor_s']:>9.3f}{r['ratio']:>7.2f}{r['gflops']:>9.1f}"
               f"{r['floor_train_gflops']:>13.1f}{r['floor_eval_gflops']:>12.1f}{pk:>8}"
-              f"{r['floor_svd_s']:>13.3f}")
+              f"{r['floor_svd_s']:>13.3f}{r['floor_server_s']:>16.3f}")
         w("GFLOP/s: 2 FLOPs per multiply-add, the round's passes as torch's FlopCounterMode counts them "
           "in the floor's replay (a training pass: its forward and the backward autograd runs for its "
           "trainable parameters) over the engine's round time; floor train/eval: the floor's rate on "
-          "each kind of pass; floor SVD s: the round's SVDs (FedKD's compression) replayed, part of the floor.")
+          "each kind of pass; floor SVD s: the round's SVDs (FedKD's compression) replayed, part of the floor; "
+          "floor server s: the passes of the modules the server trains (FedTGP's generator, FedGH's header), "
+          "part of the floor, not of its FLOPs.")

@@ -5,10 +5,16 @@ during one round of a real run (a round after the clients' set-up): input batch 
 trains, and which parameters are trainable. So the floor does exactly that round's work: the same
 models, the same number of SGD steps at the same batch sizes, the same inference passes (public scores,
 validation and test evaluation) and any extra work a method does by design (FedMD's public
-passes, FedKD's mentee). `replay` runs those passes as a bare PyTorch loop: a training pass is
+passes, FedKD's mentee). It also records the passes of every module the server declared with
+`server.track` (FedTGP's prototype generator and FedGH's header, trained on the server each round:
+work by design, though not client work, so not metered and not in the floor's FLOPs).
+`replay` runs those passes as a bare PyTorch loop: a training pass is
 forward + a scalar loss + backward + gradient clipping + an SGD step on the recorded trainable
 parameters; an inference pass is a forward pass in inference mode. Inputs are random tensors of
-the recorded shapes, gathered by a random index for training batches as the engine does.
+the recorded shapes, gathered by a random index for training batches as the engine does; an
+integer input (the class ids FedTGP's generator embeds) is replayed as recorded. The server's
+training passes replay as the clients' do, with the run's SGD and clipping (FedTGP's server steps
+use no momentum and no clipping: a few tensor operations a step more in the floor).
 Each pass's FLOPs are counted by torch's FlopCounterMode on the floor's own replay (`Floor._count`):
 a training pass's backward is what autograd runs for its trainable parameters, not a nominal
 2x forward.
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mhpfl.engine.context import Server
 from mhpfl.engine.meter import FlopMeter
 from mhpfl.lean import SGD, clip_grad_norm, total_flop_counter
 from mhpfl.methods import lowrank
@@ -37,11 +44,14 @@ class Pass:
     shape: tuple[int, ...]  # input batch shape
     train: bool
     trainable: tuple[nn.Parameter, ...]
-    flops: int = 0  # multiply-adds of the pass as the floor runs it (`Floor._count`)
+    flops: int = 0  # multiply-adds of the pass as the floor runs it (`Floor._count`; 0 on the server)
+    server: bool = False  # a pass of a module the server declared (`server.track`)
+    data: torch.Tensor | None = None  # an integer input, replayed as recorded
 
 
 class Tracer:
-    """Patches FlopMeter.track so every tracked module also reports its forward passes here."""
+    """Patches FlopMeter.track (clients) and Server.track so every tracked module also reports its
+    forward passes here."""
 
     def __init__(self):
         self.passes: list[Pass] = []
@@ -49,37 +59,48 @@ class Tracer:
         self.recording = False
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._orig = FlopMeter.track
+        self._server_track = Server.track
         self._svd = lowrank.truncated_svd
 
     def __enter__(self) -> "Tracer":
-        tracer, orig, svd = self, self._orig, self._svd
+        tracer, orig, server_track, svd = self, self._orig, self._server_track, self._svd
 
         def traced_svd(m, energy, max_rank):
             if tracer.recording:
                 tracer.decompositions.append((m.detach().clone(), energy, max_rank))
             return svd(m, energy, max_rank)
 
-        def track(meter, module, in_shape, label):
-            out = orig(meter, module, in_shape, label)
-
+        def watch(module, server):
             def hook(mod, args, output):
                 if tracer.recording and args and torch.is_tensor(args[0]):
-                    grad = torch.is_grad_enabled()
-                    tracer.passes.append(Pass(mod, tuple(args[0].shape), grad,
-                                              tuple(p for p in mod.parameters() if p.requires_grad) if grad else ()))
+                    x, grad = args[0], torch.is_grad_enabled()
+                    trainable = tuple(p for p in mod.parameters() if p.requires_grad) if grad else ()
+                    tracer.passes.append(Pass(mod, tuple(x.shape), grad, trainable, server=server,
+                                              data=None if x.is_floating_point() else x.detach().clone()))
 
             old = tracer._handles.pop(id(module), None)
             if old is not None:
                 old.remove()
             tracer._handles[id(module)] = module.register_forward_hook(hook)
+
+        def track(meter, module, in_shape, label):
+            out = orig(meter, module, in_shape, label)
+            watch(module, server=False)
+            return out
+
+        def track_server(server, module):
+            out = server_track(server, module)
+            watch(module, server=True)
             return out
 
         FlopMeter.track = track
+        Server.track = track_server
         lowrank.truncated_svd = traced_svd
         return self
 
     def __exit__(self, *exc) -> None:
         FlopMeter.track = self._orig
+        Server.track = self._server_track
         lowrank.truncated_svd = self._svd
         for h in self._handles.values():
             h.remove()
@@ -100,12 +121,13 @@ class Floor:
         g = torch.Generator().manual_seed(seed)
         biggest: dict[tuple, int] = {}
         for p in passes:
-            biggest[p.shape[1:]] = max(biggest.get(p.shape[1:], 0), p.shape[0])
+            if p.data is None:
+                biggest[p.shape[1:]] = max(biggest.get(p.shape[1:], 0), p.shape[0])
         self.pools = {s: torch.randn(2 * n, *s, generator=g).to(device).contiguous(
             memory_format=torch.channels_last if len(s) == 3 else torch.contiguous_format)
             for s, n in biggest.items()}
         self.index = [torch.randperm(len(self.pools[p.shape[1:]]), generator=g)[:p.shape[0]].to(device)
-                      if p.train else None for p in passes]
+                      if p.train and p.data is None else None for p in passes]
         self.opts: dict[tuple, torch.optim.Optimizer] = {}
         for p in passes:
             key = tuple(id(q) for q in p.trainable)
@@ -117,19 +139,25 @@ class Floor:
 
     @property
     def flops(self) -> int:
+        """The clients' multiply-adds (what the engine meters; the server's passes count 0)."""
         return sum(p.flops for p in self.passes)
 
     @property
     def steps(self) -> int:
-        return sum(p.train for p in self.passes)
+        return sum(p.train and not p.server for p in self.passes)
 
-    def replay(self, train: bool | None = None) -> float:
-        """Run the round's passes once (only the training or only the inference passes with
-        `train` True/False); returns the seconds taken (to the device's completion)."""
+    @property
+    def server_steps(self) -> int:
+        return sum(p.train and p.server for p in self.passes)
+
+    def replay(self, kind: str | None = None) -> float:
+        """Run the round's passes once: all, or one kind ("train": the clients' training passes,
+        "eval": their inference passes, "server": the server's passes); returns the seconds taken
+        (to the device's completion)."""
         self._sync()
         t0 = time.perf_counter()
         for p, idx in zip(self.passes, self.index):
-            if train is None or p.train == train:
+            if kind is None or kind == ("server" if p.server else "train" if p.train else "eval"):
                 self._run(p, idx)
         self._sync()
         return time.perf_counter() - t0
@@ -142,17 +170,17 @@ class Floor:
     def _run(self, p: Pass, idx, step: bool = True) -> None:
         """One pass: a training pass is forward, a scalar loss, backward, gradient clipping and an
         SGD step (`step` False: forward and backward only); an inference pass is a forward pass."""
-        pool = self.pools[p.shape[1:]]
+        x = p.data if p.data is not None else self.pools[p.shape[1:]][idx if p.train else slice(p.shape[0])]
         if not p.train:
             p.module.eval()
             with torch.inference_mode():
-                p.module.forward(pool[:p.shape[0]])
+                p.module.forward(x)
             return
         ids = {id(q) for q in p.trainable}
         for q in p.module.parameters():
             q.requires_grad_(id(q) in ids)
         p.module.train()
-        out = p.module.forward(pool[idx])
+        out = p.module.forward(x)
         out = out[0] if isinstance(out, tuple) else out
         loss = out.float().logsumexp(1).mean()  # a scalar that every output feeds
         opt = self.opts.get(tuple(id(q) for q in p.trainable))
@@ -174,9 +202,11 @@ class Floor:
         LoRA on its last layer (pFedLoRA's adapter phase) that is about one forward pass, not the
         three of a fully trained one; the first layer's input gradient is never computed either.
         One count per distinct pass (module, batch shape, kind, trainable parameters), outside
-        the timing; no SGD step is taken."""
+        the timing; no SGD step is taken. The server's passes are not client work: not counted."""
         counted: dict[tuple, int] = {}
         for p, idx in zip(self.passes, self.index):
+            if p.server:
+                continue
             key = (id(p.module), p.shape, p.train, tuple(id(q) for q in p.trainable))
             if key not in counted:
                 with total_flop_counter() as fc:
@@ -204,8 +234,8 @@ def _on_copies(passes: list[Pass]) -> list[Pass]:
             clone = copy.deepcopy(p.module)
             clones[id(p.module)] = clone
             params.update({id(a): b for a, b in zip(p.module.parameters(), clone.parameters())})
-    return [Pass(clones[id(p.module)], p.shape, p.train, tuple(params[id(q)] for q in p.trainable), p.flops)
-            for p in passes]
+    return [Pass(clones[id(p.module)], p.shape, p.train, tuple(params[id(q)] for q in p.trainable), p.flops,
+                 p.server, p.data) for p in passes]
 
 
 def peak_flops(n: int = 1024, seconds: float = 1.0) -> float:

@@ -65,11 +65,12 @@ def measure(cfg) -> dict:
             if r >= 3:
                 fl = Floor(tracer.passes, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.grad_clip, cfg.device,
                            decompositions=tracer.decompositions)
-                x = {"round": r, "engine": now - state["start"], "train": fl.replay(train=True),
-                     "eval": fl.replay(train=False), "svd": fl.replay_decompositions(), "flops": fl.flops,
-                     "train_flops": sum(p.flops for p in fl.passes if p.train), "steps": fl.steps,
-                     "svds": len(fl.decompositions), "engine_train_flops": int(row["train_flops"])}
-                x["floor"] = x["train"] + x["eval"] + x["svd"]
+                x = {"round": r, "engine": now - state["start"], "train": fl.replay("train"),
+                     "eval": fl.replay("eval"), "server": fl.replay("server"), "svd": fl.replay_decompositions(),
+                     "flops": fl.flops, "train_flops": sum(p.flops for p in fl.passes if p.train),
+                     "steps": fl.steps, "server_steps": fl.server_steps, "svds": len(fl.decompositions),
+                     "engine_train_flops": int(row["train_flops"])}
+                x["floor"] = x["train"] + x["eval"] + x["server"] + x["svd"]
                 rounds.append(x)
             tracer.passes, tracer.decompositions = [], []
             tracer.recording = r >= 2  # the next round is traced
@@ -84,6 +85,7 @@ def measure(cfg) -> dict:
             "ratio": med(lambda x: x["engine"] / x["floor"]),
             "gflops": med(lambda x: 2 * x["flops"] / x["engine"] / 1e9), "steps": med(lambda x: x["steps"]),
             "floor_svd_s": med(lambda x: x["svd"]), "svds": med(lambda x: x["svds"]),
+            "floor_server_s": med(lambda x: x["server"]), "server_steps": med(lambda x: x["server_steps"]),
             "floor_train_gflops": med(lambda x: 2 * x["train_flops"] / x["train"] / 1e9),
             "floor_eval_gflops": med(lambda x: 2 * (x["flops"] - x["train_flops"]) / x["eval"] / 1e9
                                      if x["flops"] > x["train_flops"] else 0.0),

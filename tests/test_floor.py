@@ -80,6 +80,32 @@ def test_each_timed_round_is_compared_with_the_floor_of_that_round(data_root):
     assert len({r["engine_train_flops"] for r in rounds}) > 1  # the rounds' work differs
 
 
+@needs_fmnist
+def test_the_floor_replays_the_server_training_a_method_does_by_design(data_root, monkeypatch):
+    """FedTGP trains its prototype generator on the server every round (S epochs over the uploaded
+    prototypes, one ACL loss a step): work by design, so each round's floor replays it, step for
+    step, on the class ids the generator embeds. It is not client work: the floor's FLOPs stay
+    the clients' training FLOPs the engine charged."""
+    from benchmarks.test_round import measure
+    from mhpfl.methods import fedtgp
+    from tests._engine_util import small
+
+    calls = []
+    acl = fedtgp.acl_loss
+    monkeypatch.setattr(fedtgp, "acl_loss", lambda *a: calls.append(1) or acl(*a))
+    rounds = 5
+    res = measure(small("fedtgp", data_root, clients=5, rounds=rounds, eval_every=1,
+                        method_options={"server_epochs": 3}))
+    # every client takes part in every round with the same classes: the same steps each round
+    per_round = len(calls) // rounds
+    assert per_round >= 3 and len(calls) == rounds * per_round
+    for r in res["per_round"]:
+        assert r["server_steps"] == per_round and r["server"] > 0
+        assert r["floor"] == r["train"] + r["eval"] + r["server"] + r["svd"]
+        assert r["train_flops"] == sum(r2["train_flops"] for r2 in res["per_round"]) / len(res["per_round"]) > 0
+    assert res["floor_server_s"] > 0 and res["server_steps"] == per_round
+
+
 def test_round_vs_floor_names_an_unknown_setting_in_one_line():
     p = subprocess.run([sys.executable, "-m", "benchmarks.test_round", "--setting", "N10"], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)

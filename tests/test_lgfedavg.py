@@ -117,9 +117,9 @@ def test_client_set_up_checks_the_zoo_on_the_meta_device_once_per_zoo():
     """Every client checks --global-layers against the zoo at its set-up: from shapes of models
     built on the meta device, once per zoo, so a set-up initialises no model and draws no random
     number (real models cost 0.1 s per client, about a fifth of a round at full's N100 setting)."""
-    from mhpfl.methods.lgfedavg import layer_shapes
+    from mhpfl.methods.lgfedavg import zoo_parameter_shapes
 
-    layer_shapes.cache_clear()
+    zoo_parameter_shapes.cache_clear()
     m = get_method("lgfedavg")()
     clients = [make_client(cid, arch, clients=100) for cid, arch in ((1, "cnn1"), (2, "cnn2"), (3, "cnn5"))]
     rng = torch.get_rng_state()
@@ -127,7 +127,7 @@ def test_client_set_up_checks_the_zoo_on_the_meta_device_once_per_zoo():
         m.init_client(c)
         assert (c.state["global_layers"], c.state["common_layers"]) == (["fc3"], ["conv1", "fc3"])
     assert torch.equal(torch.get_rng_state(), rng)
-    assert layer_shapes.cache_info().misses == 1 and layer_shapes.cache_info().hits == 2
+    assert zoo_parameter_shapes.cache_info().misses == 1 and zoo_parameter_shapes.cache_info().hits == 2
 
 
 @needs_fmnist

@@ -72,7 +72,7 @@ class FedGH(Method):
     def init_server(self, server):
         seed_torch(server.cfg.seed, "init", "server", "fedgh-header")
         rep = require_common_rep(self.name, server.cfg, server.info)
-        server.state["header"] = nn.Linear(rep, server.num_classes).to(server.cfg.device)
+        server.state["header"] = server.track(nn.Linear(rep, server.num_classes))
         server.state["trained"] = False
 
     def server_message(self, server, cid, phase):

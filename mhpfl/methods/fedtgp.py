@@ -104,7 +104,7 @@ class FedTGP(FedProto):
     def init_server(self, server):
         seed_torch(server.cfg.seed, "init", "server", "fedtgp-generator")
         rep = require_common_rep(self.name, server.cfg, server.info)
-        server.state["gen"] = PrototypeGenerator(server.num_classes, rep).to(server.cfg.device)
+        server.state["gen"] = server.track(PrototypeGenerator(server.num_classes, rep))
         super().init_server(server)
 
     def aggregate(self, server, uploads, phase):

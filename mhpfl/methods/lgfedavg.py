@@ -44,7 +44,8 @@ from mhpfl.models import zoo_archs
 
 
 @functools.lru_cache(maxsize=16)
-def layer_shapes(zoo: str, clients: int, in_shape: tuple, num_classes: int) -> tuple[dict[str, dict[str, tuple]], ...]:
+def zoo_parameter_shapes(zoo: str, clients: int, in_shape: tuple,
+                         num_classes: int) -> tuple[dict[str, dict[str, tuple]], ...]:
     """For each distinct architecture of the zoo: layer name -> {parameter name: shape}. Built on
     the meta device once per zoo (`zoo_models`: no memory, no initialisation, no random draws);
     every client checks the layers at its set-up, and real models there cost 0.1 s per client
@@ -84,7 +85,7 @@ class LGFedAvg(Method):
 
     def layers(self, cfg, info) -> tuple[list[str], list[str]]:
         """(global layers, layers identical across the zoo); validated against the zoo."""
-        shapes = layer_shapes(cfg.zoo, cfg.clients, tuple(info.in_shape), info.num_classes)
+        shapes = zoo_parameter_shapes(cfg.zoo, cfg.clients, tuple(info.in_shape), info.num_classes)
         names = [t.strip() for t in str(self.global_layers).split(",") if t.strip()]
         if not names:
             raise UserError("lgfedavg: --global-layers is empty; name at least one layer, e.g. fc3")
