@@ -240,7 +240,6 @@ class Server:
         self.cfg, self.info, self.public_size = cfg, info, public_size
         self.round = 0
         self.state: dict[str, Any] = {}
-        self.modules: list[nn.Module] = []
         self.rng = np_rng(cfg.seed, "server")
 
     @property
@@ -255,10 +254,7 @@ class Server:
         """Declare a module the server trains or runs (FedTGP's prototype generator, FedGH's header),
         on the run's device. Not metered (server compute is not client compute), but work the method
         does by design: the benchmark's floor replays its passes (benchmarks/floor.py)."""
-        module.to(self.cfg.device)
-        if all(m is not module for m in self.modules):
-            self.modules.append(module)
-        return module
+        return module.to(self.cfg.device)
 
     def new_model(self, arch: str, tag: str = "global") -> nn.Module:
         """A zoo model built on the server (not metered: server compute is not client compute)."""
