@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev,ray,flower]'
+	$(BIN)/python -m compileall -q mhpfl  # bytecode, as pip compiles a regular install
 	touch $(STAMP)
 
 test: install

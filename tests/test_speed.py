@@ -407,6 +407,30 @@ print("torch._dynamo" in sys.modules, "sympy" in sys.modules)
     assert p.stdout.split() == ["False", "False"]
 
 
+def test_the_flop_analysis_skips_fvcore_nn_package_init_and_leaves_it_intact():
+    """The FLOP meter imports fvcore's FlopCountAnalysis without fvcore.nn's package init (its
+    TorchScript-compiled losses, the parameter tables with tabulate: 0.05 s of start-up) and
+    leaves no trace of that: a later `import fvcore.nn` runs the real package, whose
+    FlopCountAnalysis gives the meter's counts."""
+    code = """
+import sys, torch
+from mhpfl.engine.meter import forward_flops
+from mhpfl.models import CNN_SPECS, build_model
+counts = {a: forward_flops(build_model(a, (1, 28, 28), 10), (1, 28, 28)) for a in CNN_SPECS}
+loaded = sorted(m for m in sys.modules if m.startswith("fvcore.nn") or m == "tabulate")
+assert not loaded and not hasattr(sys.modules["fvcore"], "nn"), loaded
+import fvcore.nn, fvcore.nn.jit_analysis
+assert fvcore.nn.jit_analysis.JitModelAnalysis and "tabulate" in sys.modules
+for arch, n in counts.items():
+    fca = fvcore.nn.FlopCountAnalysis(build_model(arch, (1, 28, 28), 10).eval(), torch.zeros(1, 1, 28, 28))
+    assert fca.unsupported_ops_warnings(False).total() == n > 0, arch
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["ok"]
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_kept_so_repeated_batches_do_not_fault_pages_in_again():
     """A training step and an evaluation batch (256 samples each) repeated 10 times: tens of

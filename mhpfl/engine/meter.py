@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mhpfl.lean import total_flop_counter
+from mhpfl.lean import fvcore_flop_count, total_flop_counter
 from mhpfl.messages import message_bytes  # noqa: F401  (re-exported)
 
 
@@ -32,7 +32,7 @@ def forward_flops(module: nn.Module, in_shape: tuple[int, ...]) -> int:
     """fvcore's forward FLOPs of `module` on one sample of shape `in_shape`."""
     with warnings.catch_warnings():  # fvcore's import touches deprecated torch.jit APIs
         warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
+        FlopCountAnalysis = fvcore_flop_count().FlopCountAnalysis
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     p = next(module.parameters(), None)

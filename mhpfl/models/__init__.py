@@ -69,8 +69,10 @@ def max_pool2(x: torch.Tensor) -> torch.Tensor:
     of strided views: the same values bit for bit (a max is exact), 3x faster on CPU in
     channels-last, and no argmax indices written. With gradients on, max_pool2d itself: its
     gradient goes to the first maximum of a window, where torch.maximum would split it between
-    ties (frequent: constant image backgrounds)."""
-    if torch.is_grad_enabled():
+    ties (frequent: constant image backgrounds). Under a TorchScript trace (fvcore's FLOP analysis
+    of each model, at start-up) max_pool2d too: one op to trace instead of a dozen views and maxima
+    (the analysis 4x faster; neither counts FLOPs in fvcore)."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing():
         return F.max_pool2d(x, 2)
     n, c, h, w = x.shape
     v = x[:, :, : h // 2 * 2, : w // 2 * 2].permute(0, 2, 3, 1).reshape(n, h // 2, 2, w // 2, 2, c)
