@@ -32,7 +32,7 @@ bench-smoke: install
 	$(BIN)/mhpfl compare runs/smoke/standalone runs/smoke/pfedlora
 
 # The quick suite (CPU; 30 runs: every method on the N10 setting, 3 seeds, converged; 24-29
-# minutes on 2 AVX-512 AMD EPYC cores, 36 on 2 Intel Xeon ones, 27.6 on AVX2 ones, 47.4 on a
+# minutes on 2 AVX-512 AMD EPYC cores, 27-36 on 2 Intel Xeon ones, 27.6 on AVX2 ones, 47.4 on a
 # slower AVX2 machine before FedKD's faster SVD) and its report into results/quick/. Finished
 # runs are cached there: rerunning trains nothing. BENCH_ARGS e.g. "--jobs 2" or "--force".
 BENCH_ARGS ?=
