@@ -13,8 +13,8 @@ torch.utils.flop_counter also imports triton when it is installed (CUDA builds),
 to recognise user-written triton kernels, which an eager run never has: `flop_counter()` loads
 it without triton. fvcore's FlopCountAnalysis comes without fvcore.nn's package init
 (`fvcore_flop_count()`, 0.05 s). Gradient clipping multiplies every gradient by 1 when nothing
-is clipped: `clip_grad_norm` skips that. And glibc's malloc hands freed blocks back to the kernel, so every
-batch's tensors fault their pages in again: `retain_freed_memory()` keeps them.
+is clipped: `clip_grad_norm` skips that. And glibc's malloc hands freed blocks back to the
+kernel, so every batch's tensors fault their pages in again: `retain_freed_memory()` keeps them.
 SGD does not copy the gradients and runs its later steps in one pass over memory (`SGD`,
 `mhpfl.fused_sgd`), and the FLOP meter counts a step's total with
 FlopCounterMode minus its per-module bookkeeping (`total_flop_counter`).
