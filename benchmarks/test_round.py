@@ -29,8 +29,10 @@ from benchmarks.floor import Floor, Tracer, peak_flops
 from mhpfl.benchmark.suite import load_suite
 from mhpfl.engine import run
 
-ROUNDS = 5  # rounds 3..R are timed, each against the floor of that same round (rounds 1 and 2
-# hold most of the clients' set-up at first participation)
+ROUNDS = 7  # rounds 3..R are timed, each against the floor of that same round (rounds 1 and 2
+# hold most of the clients' set-up at first participation); the median of five rounds, since a
+# median of three moved a method's ratio from 1.04x to 1.37x on a machine whose speed drifts
+# within the minute (the Intel Xeon, session AE)
 SETTING = "N10-C100"
 
 
